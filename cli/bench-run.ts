@@ -1,0 +1,208 @@
+// The measurement behind `packkv bench`: every codec over every layer of every dump, as BenchRecords.
+import { performance } from 'node:perf_hooks';
+
+import { PackkvError } from './errors.js';
+import { loadLayer, type KvDump } from './io/dump.js';
+import {
+  attentionOutput,
+  attentionScores,
+  ErrorAccumulator,
+  ProxyAccumulator,
+  softmaxRows,
+  tensorError,
+  type AttentionShape,
+  type AttentionTensors,
+} from './metrics.js';
+import { native, type ByteBreakdown, type EncodedTensor, type TensorKind } from './native.js';
+import type { BenchRecord } from './results.js';
+
+export interface BenchContext {
+  runId: string;
+  gitCommit: string | null;
+  device: 'cpu' | 'cuda';
+  allowNonFinite: boolean;
+  /** called after each (dump, layer, codec) step */
+  onStep?: (label: string) => void;
+}
+
+/** One layer's attention problem and its exact (uncompressed) reference. */
+interface LayerProblem {
+  k: Float32Array;
+  v: Float32Array;
+  q: Float32Array;
+  shape: AttentionShape;
+  proxy: 'queries' | 'self-keys';
+  ref: AttentionTensors;
+}
+
+/** Stand-in queries when a dump has none: the last keys of each KV head ([nq, kvHeads, D]). */
+function selfKeyQueries(k: Float32Array, kvHeads: number, tokens: number, headDim: number, nq: number): Float32Array {
+  const q = new Float32Array(nq * kvHeads * headDim);
+  for (let n = 0; n < nq; n++)
+    for (let h = 0; h < kvHeads; h++) {
+      const t = tokens - nq + n;
+      q.set(k.subarray((h * tokens + t) * headDim, (h * tokens + t + 1) * headDim), (n * kvHeads + h) * headDim);
+    }
+  return q;
+}
+
+async function layerProblem(dump: KvDump, layerIndex: number, allowNonFinite: boolean): Promise<LayerProblem> {
+  const { k, v, q } = await loadLayer(dump, dump.layers[layerIndex], { allowNonFinite });
+  const { kvHeads, tokens, headDim } = dump;
+  const proxy = q ? 'queries' : 'self-keys';
+  const nQueries = q ? dump.nQueries : Math.min(16, tokens);
+  const qHeads = q ? dump.heads : kvHeads;
+  const queries = q ?? selfKeyQueries(k, kvHeads, tokens, headDim, nQueries);
+  const shape: AttentionShape = { qHeads, kvHeads, tokens, headDim, nQueries };
+  const scores = attentionScores(queries, k, shape);
+  const probs = softmaxRows(scores, tokens, 1 / Math.sqrt(headDim));
+  return { k, v, q: queries, shape, proxy, ref: { scores, probs, out: attentionOutput(probs, v, shape) } };
+}
+
+interface TensorRun {
+  encoded: EncodedTensor;
+  decoded: Float32Array;
+  encodeMs: number;
+  decodeMs: number;
+  productMs: number;
+  test: AttentionTensors;
+}
+
+async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
+  const t0 = performance.now();
+  const value = await fn();
+  return [value, performance.now() - t0];
+}
+
+async function runTensor(spec: string, kind: TensorKind, p: LayerProblem, label: string): Promise<TensorRun> {
+  const nat = native();
+  const { kvHeads, tokens, headDim, qHeads, nQueries } = p.shape;
+  const data = kind === 'K' ? p.k : p.v;
+  const [encoded, encodeMs] = await timed(() => nat.encode(spec, kind, data, { kvHeads, tokens, headDim }, label));
+  const [decoded, decodeMs] = await timed(() => nat.decode(encoded.stream, label));
+  if (kind === 'K') {
+    // Scores come from the fused product on the compressed stream, not from the decoded tensor.
+    const [scores, productMs] = await timed(() => nat.qk(encoded.stream, p.q, qHeads, nQueries, label));
+    const probs = softmaxRows(scores, tokens, 1 / Math.sqrt(headDim));
+    return { encoded, decoded, encodeMs, decodeMs, productMs, test: { scores, probs, out: attentionOutput(probs, p.v, p.shape) } };
+  }
+  const [out, productMs] = await timed(() => nat.pv(encoded.stream, p.ref.probs, qHeads, nQueries, label));
+  return { encoded, decoded, encodeMs, decodeMs, productMs, test: { ...p.ref, out } };
+}
+
+/** Sums of one codec × tensor over the layers of a dump, for the layer='all' record. */
+class TensorTotals {
+  error = new ErrorAccumulator();
+  proxies = new ProxyAccumulator();
+  breakdown: ByteBreakdown = { payload: 0, scales: 0, zeros: 0, residual: 0, metadata: 0, host: 0 };
+  fp16Bytes = 0;
+  encodeMs = 0;
+  decodeMs = 0;
+  productMs = 0;
+  params = '';
+
+  add(run: TensorRun, p: LayerProblem, fp16Bytes: number, original: Float32Array): void {
+    this.error.add(original, run.decoded);
+    this.proxies.add(p.ref, run.test, p.shape);
+    for (const key of Object.keys(this.breakdown) as (keyof ByteBreakdown)[]) this.breakdown[key] += run.encoded.breakdown[key];
+    this.fp16Bytes += fp16Bytes;
+    this.encodeMs += run.encodeMs;
+    this.decodeMs += run.decodeMs;
+    this.productMs += run.productMs;
+    this.params = run.encoded.params;
+  }
+}
+
+function makeRecord(
+  ctx: BenchContext,
+  dump: KvDump,
+  layer: number | 'all',
+  kind: TensorKind,
+  codec: string,
+  proxy: LayerProblem['proxy'],
+  t: TensorTotals,
+): BenchRecord {
+  const err = t.error.result();
+  const px = t.proxies.result();
+  const b = t.breakdown;
+  const deviceBytes = b.payload + b.scales + b.zeros + b.residual + b.metadata;
+  const isK = kind === 'K';
+  const mbps = (ms: number) => (ms > 0 ? t.fp16Bytes / 1e6 / (ms / 1e3) : null);
+  return {
+    schema: 1,
+    runId: ctx.runId,
+    time: new Date().toISOString(),
+    dump: dump.name,
+    dumpFiles: dump.files,
+    layer,
+    tensor: kind,
+    codec,
+    params: t.params,
+    device: ctx.device,
+    gitCommit: ctx.gitCommit,
+    kvHeads: dump.kvHeads,
+    heads: dump.heads || dump.kvHeads,
+    tokens: dump.tokens,
+    headDim: dump.headDim,
+    fp16Bytes: t.fp16Bytes,
+    deviceBytes,
+    hostBytes: b.host,
+    totalBytes: deviceBytes + b.host,
+    breakdown: { ...b },
+    compressionRatio: t.fp16Bytes / deviceBytes,
+    totalCompressionRatio: t.fp16Bytes / (deviceBytes + b.host),
+    ...err,
+    proxy,
+    scoresRelL2: isK ? px.scoresRelL2 : null,
+    kl: isK ? px.kl : null,
+    tv: isK ? px.tv : null,
+    top32Recall: isK ? px.top32Recall : null,
+    top1pctRecall: isK ? px.top1pctRecall : null,
+    attnOutRelL2: px.attnOutRelL2,
+    attnOutCosine: px.attnOutCosine,
+    sinkMassErr: isK ? px.sinkMassErr : null,
+    encodeMBps: mbps(t.encodeMs) ?? 0,
+    decodeMBps: mbps(t.decodeMs) ?? 0,
+    qkMs: isK ? t.productMs : null,
+    pvMs: isK ? null : t.productMs,
+    notes: [
+      ...(proxy === 'self-keys' ? ['proxy=self-keys: the dump has no queries; its last keys stand in'] : []),
+      ...(dump.postRope ? [] : ['keys are pre-RoPE (dump metadata)']),
+    ],
+  };
+}
+
+/** Runs every codec on every layer of one dump; returns per-layer and dump-wide records. */
+export async function benchDump(dump: KvDump, specs: string[], ctx: BenchContext): Promise<BenchRecord[]> {
+  const records: BenchRecord[] = [];
+  const totals = new Map<string, TensorTotals>();
+  let proxy: LayerProblem['proxy'] = 'queries';
+  for (let li = 0; li < dump.layers.length; li++) {
+    const layer = dump.layers[li].layer;
+    const problem = await layerProblem(dump, li, ctx.allowNonFinite);
+    proxy = problem.proxy;
+    const fp16Bytes = problem.k.length * 2;
+    for (const spec of specs) {
+      const { codec } = native().parseCodec(spec);
+      for (const kind of ['K', 'V'] as const) {
+        const entry = kind === 'K' ? dump.layers[li].key : dump.layers[li].value;
+        const run = await runTensor(spec, kind, problem, entry.name).catch((e: Error) => {
+          throw new PackkvError(e.message.replace(/^tensor '[^']*': /, ''), entry.file, entry.name);
+        });
+        const layerTotals = new TensorTotals();
+        layerTotals.add(run, problem, fp16Bytes, kind === 'K' ? problem.k : problem.v);
+        records.push(makeRecord(ctx, dump, layer, kind, codec, problem.proxy, layerTotals));
+        const key = `${spec}\u0000${kind}`;
+        if (!totals.has(key)) totals.set(key, new TensorTotals());
+        totals.get(key)!.add(run, problem, fp16Bytes, kind === 'K' ? problem.k : problem.v);
+      }
+      ctx.onStep?.(`${dump.name} layer ${layer} ${spec}`);
+    }
+  }
+  for (const spec of specs) {
+    const { codec } = native().parseCodec(spec);
+    for (const kind of ['K', 'V'] as const)
+      records.push(makeRecord(ctx, dump, 'all', kind, codec, proxy, totals.get(`${spec}\u0000${kind}`)!));
+  }
+  return records;
+}
