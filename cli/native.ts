@@ -25,7 +25,11 @@ let cached: NativeAddon | undefined;
 export function native(): NativeAddon {
   if (cached) return cached;
   const root = packageRoot();
-  const candidates = ['build/Release/packkv_native.node', 'build/Debug/packkv_native.node'].map((p) => join(root, p));
+  // PACKKV_ADDON points at another build of the addon (e.g. one configured with PACKKV_CODECS).
+  const override = process.env.PACKKV_ADDON;
+  const candidates = override
+    ? [override]
+    : ['build/Release/packkv_native.node', 'build/Debug/packkv_native.node'].map((p) => join(root, p));
   const found = candidates.find((p) => existsSync(p));
   if (!found) {
     throw new PackkvError(

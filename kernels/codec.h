@@ -74,6 +74,7 @@ struct EncodedBody {
 
 /** One codec: the row of the registry (ggml's type-traits table, for KV streams). */
 struct CodecDef {
+  int order;  // position in listings: fp16 0, kivi 10, kvcomp 20, packkv 30, tailorkv 40
   std::string name;
   std::string summary;
   std::vector<ParamSpec> params;

@@ -1,18 +1,28 @@
 // The codec registry, parameter parsing and the stream frame shared by every codec.
 #include "registry.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
 
 namespace packkv {
 
-extern const CodecDef kFp16Codec;
-extern const CodecDef kKiviCodec;
+static std::vector<const CodecDef*>& registered() {
+  static std::vector<const CodecDef*> codecs;  // filled by static initializers of each codec's cpu.cpp
+  return codecs;
+}
+
+CodecRegistrar::CodecRegistrar(const CodecDef& codec) { registered().push_back(&codec); }
 
 const std::vector<const CodecDef*>& allCodecs() {
-  static const std::vector<const CodecDef*> codecs = {&kFp16Codec, &kKiviCodec};
-  return codecs;
+  // Registration order depends on link order; list codecs by their declared order instead.
+  static const std::vector<const CodecDef*> sorted = [] {
+    auto v = registered();
+    std::stable_sort(v.begin(), v.end(), [](auto* a, auto* b) { return a->order < b->order; });
+    return v;
+  }();
+  return sorted;
 }
 
 static std::string codecNames() {

@@ -7,7 +7,13 @@
 
 namespace packkv {
 
+/** Every registered codec, in CodecDef::order (fp16 first). */
 const std::vector<const CodecDef*>& allCodecs();
+
+/** A codec's cpu.cpp registers it with `static const CodecRegistrar reg(kMyCodec);`. */
+struct CodecRegistrar {
+  explicit CodecRegistrar(const CodecDef& codec);
+};
 const CodecDef& findCodec(const std::string& name);
 
 /** "kivi:bits=2,group=32" -> codec + validated params with defaults filled in. */

@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "codec.h"
+#include "registry.h"
 #include "common/half.h"
 #include "common/layout.h"
 #include "fp16/format.h"
@@ -69,7 +70,8 @@ void pv(const StreamView& s, const float* p, uint32_t qHeads, uint32_t nq, float
 
 }  // namespace
 
-extern const CodecDef kFp16Codec = {
+const CodecDef kFp16Codec = {
+    0,
     "fp16",
     "uncompressed binary16 baseline (cuBLAS on the GPU); every ratio is computed against it",
     {},
@@ -80,5 +82,6 @@ extern const CodecDef kFp16Codec = {
     qk,
     pv,
 };
+static const CodecRegistrar registrar(kFp16Codec);
 
 }  // namespace packkv

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "codec.h"
+#include "registry.h"
 #include "common/bitpack.h"
 #include "common/half.h"
 #include "common/layout.h"
@@ -258,7 +259,8 @@ void pv(const StreamView& s, const float* p, uint32_t qHeads, uint32_t nq, float
 
 }  // namespace
 
-extern const CodecDef kKiviCodec = {
+const CodecDef kKiviCodec = {
+    10,
     "kivi",
     "asymmetric min-max integer quantization: K per channel over token groups, V per token over "
     "channel groups, fp16 residual window (KIVI, ICML 2024)",
@@ -275,5 +277,6 @@ extern const CodecDef kKiviCodec = {
     qk,
     pv,
 };
+static const CodecRegistrar registrar(kKiviCodec);
 
 }  // namespace packkv
