@@ -1,5 +1,5 @@
 // packkv command-line entry: registers the commands and turns every error into one clear line.
-import { Command } from 'commander';
+import { Command, CommanderError } from 'commander';
 
 import { registerBench } from './commands/bench.js';
 import { registerCompress } from './commands/compress.js';
@@ -8,6 +8,8 @@ import { registerReport } from './commands/report.js';
 
 export function buildProgram(): Command {
   const program = new Command();
+  // Usage errors, --help and --version come back to main() instead of exiting the process.
+  program.exitOverride();
   program
     .name('packkv')
     .description(
@@ -15,7 +17,7 @@ export function buildProgram(): Command {
         'memory saved, error put into attention, and speed of attention on the compressed data.',
     )
     .version('0.1.0')
-    .showHelpAfterError()
+    .showHelpAfterError('(run with --help for usage and examples)')
     .addHelpText(
       'after',
       `
@@ -39,6 +41,7 @@ export async function main(argv: string[]): Promise<number> {
     await buildProgram().parseAsync(argv);
     return 0;
   } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode; // commander has printed its message
     const message = err instanceof Error ? err.message : String(err);
     process.stderr.write(`packkv: error: ${message}\n`);
     return 1;

@@ -100,7 +100,7 @@ export interface PkvFile {
 /** Reads and checks the header: magic, version, header checksum, entries inside the file. */
 export async function openPkv(path: string): Promise<PkvFile> {
   const fh = await open(path, 'r').catch((e: NodeJS.ErrnoException) => {
-    throw new PackkvError(`cannot open: ${e.code ?? e.message}`, path);
+    throw new PackkvError(e.code === 'ENOENT' ? 'no such file' : `cannot open: ${e.message}`, path);
   });
   try {
     const size = (await fh.stat()).size;
@@ -117,7 +117,14 @@ export async function openPkv(path: string): Promise<PkvFile> {
     const json = Buffer.alloc(headerLen);
     await fh.read(json, 0, headerLen, FIXED);
     if (crc32(json) !== fixed.readUInt32LE(16)) throw new PackkvError('header checksum mismatch (file is corrupt)', path);
-    const header = JSON.parse(json.toString('utf8')) as PkvHeader;
+    let header: PkvHeader;
+    try {
+      header = JSON.parse(json.toString('utf8')) as PkvHeader;
+    } catch (e) {
+      throw new PackkvError(`header is not valid JSON: ${(e as Error).message}`, path);
+    }
+    if (header?.format !== 'packkv-container' || !Array.isArray(header.tensors))
+      throw new PackkvError("header is not a packkv container header (no 'tensors' table)", path);
     const dataStart = align16(FIXED + headerLen);
     for (const t of header.tensors) {
       if (t.offset < 0 || dataStart + t.offset + t.length > size)
