@@ -235,8 +235,13 @@ function speedClause(group: BenchRecord[], all: BenchRecord[], field: 'qkMs' | '
   if (!(mine > 0 && base > 0)) return null;
   const speedup = base / mine;
   return speedup >= 1
-    ? `${name} ${speedup.toFixed(2)}× faster than fp16`
-    : `${name} ${(1 / speedup).toFixed(2)}× slower than fp16`;
+    ? `${name} ${speedup.toFixed(2)}× faster than fp16${onCpu(group)}`
+    : `${name} ${(1 / speedup).toFixed(2)}× slower than fp16${onCpu(group)}`;
+}
+
+/** CPU reference timings are not kernel timings: say so next to the ratio. */
+function onCpu(group: BenchRecord[]): string {
+  return group.every((r) => r.device === 'cpu') ? ' (CPU reference)' : '';
 }
 
 /** Percentage for the summary: 2.1%, 0.8%, 0.050%. */

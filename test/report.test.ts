@@ -157,8 +157,13 @@ describe('renderSummaryLine', () => {
     expect(lines).toEqual([
       'fp16                               K 1.00×, V 1.00× at attention-output error 0%',
       'kivi:bits=2,group=32,residual=128  K 4.57×, V 4.12× at attention-output error 2.1%; ' +
-        'q·Kᵀ 3.10× faster than fp16, p·V 2.00× slower than fp16',
+        'q·Kᵀ 3.10× faster than fp16 (CPU reference), p·V 2.00× slower than fp16 (CPU reference)',
     ]);
+  });
+
+  it('drops the CPU-reference label for GPU records', () => {
+    const gpu = records.concat(makeRecord({ ...fp16K, tensor: 'V', qkMs: null, pvMs: 1 })).map((r) => ({ ...r, device: 'cuda' as const }));
+    expect(renderSummaryLine(gpu)).toContain('q·Kᵀ 3.10× faster than fp16, p·V 2.00× slower than fp16');
   });
 
   it('is empty without aggregate records', () => {
