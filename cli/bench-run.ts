@@ -3,6 +3,7 @@ import { performance } from 'node:perf_hooks';
 
 import { PackkvError } from './errors.js';
 import { loadLayer, type KvDump } from './io/dump.js';
+import { resolveLayerSpecs } from './layer-policy.js';
 import {
   attentionOutput,
   attentionScores,
@@ -99,7 +100,9 @@ class TensorTotals {
   encodeMs = 0;
   decodeMs = 0;
   productMs = 0;
-  params = '';
+
+  /** params: the aggregate's parameter string; per-layer totals take the layer's own. */
+  constructor(public params = '') {}
 
   add(run: TensorRun, p: LayerProblem, fp16Bytes: number, original: Float32Array): void {
     this.error.add(original, run.decoded);
@@ -109,7 +112,7 @@ class TensorTotals {
     this.encodeMs += run.encodeMs;
     this.decodeMs += run.decodeMs;
     this.productMs += run.productMs;
-    this.params = run.encoded.params;
+    if (this.params === '') this.params = run.encoded.params;
   }
 }
 
@@ -172,33 +175,41 @@ function makeRecord(
   };
 }
 
-/** Runs every codec on every layer of one dump; returns per-layer and dump-wide records. */
+/**
+ * Runs every codec on every layer of one dump; returns per-layer and dump-wide records.
+ * All layers are loaded first: per-layer codecs (TailorKV's quantize-or-offload rule) decide
+ * from every layer's queries before any layer is encoded.
+ */
 export async function benchDump(dump: KvDump, specs: string[], ctx: BenchContext): Promise<BenchRecord[]> {
+  const problems: LayerProblem[] = [];
+  for (let li = 0; li < dump.layers.length; li++) problems.push(await layerProblem(dump, li, ctx.allowNonFinite));
+  const attention = problems.map((p, li) => ({ layer: dump.layers[li].layer, q: p.q, k: p.k, shape: p.shape }));
+  const layerSpecs = new Map(specs.map((spec) => [spec, resolveLayerSpecs(spec, attention)]));
   const records: BenchRecord[] = [];
   const totals = new Map<string, TensorTotals>();
-  let proxy: LayerProblem['proxy'] = 'queries';
   for (let li = 0; li < dump.layers.length; li++) {
     const layer = dump.layers[li].layer;
-    const problem = await layerProblem(dump, li, ctx.allowNonFinite);
-    proxy = problem.proxy;
+    const problem = problems[li];
     const fp16Bytes = problem.k.length * 2;
     for (const spec of specs) {
-      const { codec } = native().parseCodec(spec);
+      const layerSpec = layerSpecs.get(spec)![li];
+      const { codec } = native().parseCodec(layerSpec);
       for (const kind of ['K', 'V'] as const) {
         const entry = kind === 'K' ? dump.layers[li].key : dump.layers[li].value;
-        const run = await runTensor(spec, kind, problem, entry.name).catch((e: Error) => {
+        const run = await runTensor(layerSpec, kind, problem, entry.name).catch((e: Error) => {
           throw new PackkvError(e.message.replace(/^tensor '[^']*': /, ''), entry.file, entry.name);
         });
         const layerTotals = new TensorTotals();
         layerTotals.add(run, problem, fp16Bytes, kind === 'K' ? problem.k : problem.v);
         records.push(makeRecord(ctx, dump, layer, kind, codec, problem.proxy, layerTotals));
         const key = `${spec}\u0000${kind}`;
-        if (!totals.has(key)) totals.set(key, new TensorTotals());
+        if (!totals.has(key)) totals.set(key, new TensorTotals(native().parseCodec(spec).params));
         totals.get(key)!.add(run, problem, fp16Bytes, kind === 'K' ? problem.k : problem.v);
       }
       ctx.onStep?.(`${dump.name} layer ${layer} ${spec}`);
     }
   }
+  const proxy = problems[0]?.proxy ?? 'queries';
   for (const spec of specs) {
     const { codec } = native().parseCodec(spec);
     for (const kind of ['K', 'V'] as const)

@@ -259,10 +259,14 @@ function cosine(a: Float32Array, b: Float32Array): number {
   return dot / Math.sqrt(aa * bb);
 }
 
-function sumSquares(ref: Float32Array, test: Float32Array): { refSq: number; errSq: number } {
+/** Scores at or below this are masked (a sparse codec's unselected tokens), not estimates. */
+export const MASKED_SCORE = -1e29;
+
+function sumSquares(ref: Float32Array, test: Float32Array, skipMasked = false): { refSq: number; errSq: number } {
   let refSq = 0;
   let errSq = 0;
   for (let i = 0; i < ref.length; i++) {
+    if (skipMasked && test[i] <= MASKED_SCORE) continue;
     const d = test[i] - ref[i];
     refSq += ref[i] * ref[i];
     errSq += d * d;
@@ -292,7 +296,7 @@ export class ProxyAccumulator {
       checkLength(t.probs, rows * tokens, `attentionProxies: ${name} probs`);
       checkLength(t.out, rows * headDim, `attentionProxies: ${name} out`);
     }
-    const scores = sumSquares(ref.scores, test.scores);
+    const scores = sumSquares(ref.scores, test.scores, true); // masked scores show in KL/TV/recall instead
     this.scoresRefSq += scores.refSq;
     this.scoresErrSq += scores.errSq;
     const out = sumSquares(ref.out, test.out);
