@@ -175,45 +175,60 @@ function makeRecord(
   };
 }
 
-/**
- * Runs every codec on every layer of one dump; returns per-layer and dump-wide records.
- * All layers are loaded first: per-layer codecs (TailorKV's quantize-or-offload rule) decide
- * from every layer's queries before any layer is encoded.
- */
-export async function benchDump(dump: KvDump, specs: string[], ctx: BenchContext): Promise<BenchRecord[]> {
+/** A dump with every layer's attention problem loaded: evaluated many times by sweeps and tune. */
+export interface LoadedDump {
+  dump: KvDump;
+  problems: LayerProblem[];
+}
+
+export async function loadDumpProblems(dump: KvDump, allowNonFinite: boolean): Promise<LoadedDump> {
   const problems: LayerProblem[] = [];
-  for (let li = 0; li < dump.layers.length; li++) problems.push(await layerProblem(dump, li, ctx.allowNonFinite));
+  for (let li = 0; li < dump.layers.length; li++) problems.push(await layerProblem(dump, li, allowNonFinite));
+  return { dump, problems };
+}
+
+/**
+ * One codec spec over every layer of a loaded dump, for the given tensors: per-layer records then
+ * the dump-wide aggregate per tensor. Per-layer codecs (TailorKV's quantize-or-offload rule)
+ * decide from every layer's queries before any layer is encoded.
+ */
+export async function evaluateSpec(
+  loaded: LoadedDump,
+  spec: string,
+  ctx: BenchContext,
+  kinds: readonly TensorKind[] = ['K', 'V'],
+): Promise<BenchRecord[]> {
+  const { dump, problems } = loaded;
   const attention = problems.map((p, li) => ({ layer: dump.layers[li].layer, q: p.q, k: p.k, shape: p.shape }));
-  const layerSpecs = new Map(specs.map((spec) => [spec, resolveLayerSpecs(spec, attention)]));
+  const layerSpecs = resolveLayerSpecs(spec, attention);
+  const canonical = native().parseCodec(spec);
   const records: BenchRecord[] = [];
-  const totals = new Map<string, TensorTotals>();
+  const totals = new Map(kinds.map((k) => [k, new TensorTotals(canonical.params)]));
   for (let li = 0; li < dump.layers.length; li++) {
-    const layer = dump.layers[li].layer;
     const problem = problems[li];
     const fp16Bytes = problem.k.length * 2;
-    for (const spec of specs) {
-      const layerSpec = layerSpecs.get(spec)![li];
-      const { codec } = native().parseCodec(layerSpec);
-      for (const kind of ['K', 'V'] as const) {
-        const entry = kind === 'K' ? dump.layers[li].key : dump.layers[li].value;
-        const run = await runTensor(layerSpec, kind, problem, entry.name).catch((e: Error) => {
-          throw new PackkvError(e.message.replace(/^tensor '[^']*': /, ''), entry.file, entry.name);
-        });
-        const layerTotals = new TensorTotals();
-        layerTotals.add(run, problem, fp16Bytes, kind === 'K' ? problem.k : problem.v);
-        records.push(makeRecord(ctx, dump, layer, kind, codec, problem.proxy, layerTotals));
-        const key = `${spec}\u0000${kind}`;
-        if (!totals.has(key)) totals.set(key, new TensorTotals(native().parseCodec(spec).params));
-        totals.get(key)!.add(run, problem, fp16Bytes, kind === 'K' ? problem.k : problem.v);
-      }
-      ctx.onStep?.(`${dump.name} layer ${layer} ${spec}`);
+    for (const kind of kinds) {
+      const entry = kind === 'K' ? dump.layers[li].key : dump.layers[li].value;
+      const run = await runTensor(layerSpecs[li], kind, problem, entry.name).catch((e: Error) => {
+        throw new PackkvError(e.message.replace(/^tensor '[^']*': /, ''), entry.file, entry.name);
+      });
+      const original = kind === 'K' ? problem.k : problem.v;
+      const layerTotals = new TensorTotals();
+      layerTotals.add(run, problem, fp16Bytes, original);
+      records.push(makeRecord(ctx, dump, dump.layers[li].layer, kind, canonical.codec, problem.proxy, layerTotals));
+      totals.get(kind)!.add(run, problem, fp16Bytes, original);
     }
+    ctx.onStep?.(`${dump.name} layer ${dump.layers[li].layer} ${spec}`);
   }
   const proxy = problems[0]?.proxy ?? 'queries';
-  for (const spec of specs) {
-    const { codec } = native().parseCodec(spec);
-    for (const kind of ['K', 'V'] as const)
-      records.push(makeRecord(ctx, dump, 'all', kind, codec, proxy, totals.get(`${spec}\u0000${kind}`)!));
-  }
+  for (const kind of kinds) records.push(makeRecord(ctx, dump, 'all', kind, canonical.codec, proxy, totals.get(kind)!));
+  return records;
+}
+
+/** Runs every codec on every layer of one dump; returns per-layer and dump-wide records. */
+export async function benchDump(dump: KvDump, specs: string[], ctx: BenchContext): Promise<BenchRecord[]> {
+  const loaded = await loadDumpProblems(dump, ctx.allowNonFinite);
+  const records: BenchRecord[] = [];
+  for (const spec of specs) records.push(...(await evaluateSpec(loaded, spec, ctx)));
   return records;
 }

@@ -5,6 +5,7 @@ import { registerBench } from './commands/bench.js';
 import { registerCompress } from './commands/compress.js';
 import { registerInspect } from './commands/inspect.js';
 import { registerReport } from './commands/report.js';
+import { registerTune } from './commands/tune.js';
 
 export function buildProgram(): Command {
   const program = new Command();
@@ -27,12 +28,15 @@ Examples:
   packkv inspect dump.safetensors                layout, shapes and per-layer statistics
   packkv compress dump.safetensors --codec kivi:bits=4 -o dump.pkv
   packkv decompress dump.pkv -o restored.safetensors
-  packkv report --csv > results.csv              all recorded runs as CSV`,
+  packkv report --csv > results.csv              all recorded runs as CSV
+  packkv tune --target attn_out_rel=0.01         most compressing setting per codec within a target
+  packkv bench --sweep packkv:k_rel=0.02..0.2:10 a grid of settings (rate-distortion points)`,
     );
   registerBench(program);
   registerInspect(program);
   registerCompress(program);
   registerReport(program);
+  registerTune(program);
   return program;
 }
 

@@ -55,6 +55,8 @@ export interface CodecParamSpec {
   min?: number;
   max?: number;
   help: string;
+  /** the knob `packkv tune` turns: tensors it affects ('K', 'V', 'KV') and '+' when a larger value compresses more, '-' when a smaller one does */
+  tune?: string;
 }
 
 export interface CodecInfo {

@@ -39,6 +39,12 @@ struct ParamSpec {
   std::vector<std::string> choices;  // Enum values, or the allowed Int values when non-empty
   double min = 0, max = 0;           // Int/Float range when choices is empty
   std::string help;
+  /**
+   * The knob `packkv tune` turns: "" (not tuned), or which tensors it affects ("K", "V", "KV")
+   * followed by '+' when a larger value compresses more (error bounds) or '-' when a smaller one
+   * does (bit widths, token budgets).
+   */
+  std::string tune = "";
 };
 
 /** Parsed, validated parameter values (canonical strings keyed by name). */

@@ -7,11 +7,13 @@ import { defaultDumpFiles, groupDumpFiles } from '../dumps.js';
 import { PackkvError } from '../errors.js';
 import { describeLayout, openDump, type KvDump } from '../io/dump.js';
 import { native, type CodecInfo } from '../native.js';
+import { expandSweep } from '../sweep.js';
 import { renderJson, renderSummaryLine, renderTable } from '../report-format.js';
 import { DEFAULT_RESULTS_DIR, gitCommit, newRunId, writeRecords, type BenchRecord } from '../results.js';
 
 interface BenchOptions {
   codec: string[];
+  sweep: string[];
   device: 'auto' | 'cpu' | 'cuda';
   results: string;
   layout?: string;
@@ -28,6 +30,8 @@ Examples:
   packkv bench my-dump.safetensors --codec kivi:bits=2,group=32,residual=128 --codec fp16
   packkv bench model-00001-of-00002.safetensors model-00002-of-00002.safetensors
   packkv bench dump.safetensors --layout 'model.layers.{i}.k,model.layers.{i}.v'
+  packkv bench --sweep packkv:k_rel=0.02..0.2:10     10 settings of one knob (rate-distortion points)
+  packkv bench --sweep 'kivi:bits=1|2|4|8,group=32|64'   every combination
   packkv bench --list-codecs                         codecs, parameters and defaults
   packkv bench --json > records.json                 machine-readable records
 
@@ -42,7 +46,8 @@ export function formatCodecList(codecs: CodecInfo[]): string {
     lines.push(`${c.name}: ${c.summary}`);
     for (const p of c.params) {
       const allowed = p.choices ? `one of ${p.choices.join('|')}` : `${p.type} in [${p.min}, ${p.max}]`;
-      lines.push(`    ${p.name}=${p.default}  (${allowed}) ${p.help}`);
+      const knob = p.tune ? `  [tune knob for ${p.tune.replace(/[+-]$/, '')}]` : '';
+      lines.push(`    ${p.name}=${p.default}  (${allowed}) ${p.help}${knob}`);
     }
     lines.push(`    default runs: ${c.defaultRuns.join('  ')}`);
   }
@@ -73,7 +78,8 @@ async function runBench(files: string[], opts: BenchOptions): Promise<void> {
     process.stdout.write(formatCodecList(nat.codecs()));
     return;
   }
-  const specs = opts.codec.length > 0 ? opts.codec : nat.codecs().flatMap((c) => c.defaultRuns);
+  const chosen = [...opts.codec, ...opts.sweep.flatMap(expandSweep)];
+  const specs = chosen.length > 0 ? chosen : nat.codecs().flatMap((c) => c.defaultRuns);
   specs.forEach((s) => nat.parseCodec(s)); // fail on a bad spec before any work
   const say = (line: string) => process.stderr.write(line + '\n');
   const device = chooseDevice(opts.device, say);
@@ -128,6 +134,8 @@ export function registerBench(program: Command): Command {
     .description('compress real KV dumps with each codec; measure ratio, error, attention proxies and speed')
     .argument('[dumps...]', 'safetensors dump files, shards, or index JSON (default: the embedded real dump)')
     .option('-c, --codec <spec>', "codec spec 'name:key=value,...' (repeatable; default: every codec's default runs)",
+      (v: string, acc: string[]) => [...acc, v], [] as string[])
+    .option('--sweep <grid>', "a grid of settings: 'packkv:k_rel=0.02..0.2:10' (n points; ':10log' log-spaced), 'kivi:bits=1|2|4|8' (repeatable)",
       (v: string, acc: string[]) => [...acc, v], [] as string[])
     .addOption(new Option('--device <device>', 'where codecs run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--results <dir>', 'directory for the JSON-lines records', DEFAULT_RESULTS_DIR)

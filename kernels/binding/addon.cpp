@@ -159,6 +159,7 @@ Napi::Value Codecs(const Napi::CallbackInfo& info) {
         po.Set("max", p.max);
       }
       po.Set("help", p.help);
+      if (!p.tune.empty()) po.Set("tune", p.tune);
       params.Set(j++, po);
     }
     o.Set("params", params);

@@ -265,7 +265,7 @@ const CodecDef kKiviCodec = {
     "asymmetric min-max integer quantization: K per channel over token groups, V per token over "
     "channel groups, fp16 residual window (KIVI, ICML 2024)",
     {
-        {"bits", ParamType::Int, "2", {"1", "2", "4", "8"}, 0, 0, "code width in bits"},
+        {"bits", ParamType::Int, "2", {"1", "2", "4", "8"}, 0, 0, "code width in bits", "KV-"},
         {"group", ParamType::Int, "32", {}, 1, 4096, "tokens per K group and channels per V group"},
         {"residual", ParamType::Int, "128", {}, 0, 1 << 20,
          "fp16 residual window R: K keeps T mod R recent tokens, V the last R (multiple of group; 0 = none)"},

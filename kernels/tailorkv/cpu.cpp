@@ -481,7 +481,7 @@ const CodecDef kTailorKvCodec = {
         {"mode", ParamType::Enum, "auto", {"auto", "q", "s"}, 0, 0,
          "q: quantize all tokens; s: sparse with offload; auto: per layer by the attention-mass rule "
          "(resolved by cli/layer-policy.ts before encoding)"},
-        {"bits", ParamType::Int, "1", {"1", "2", "4"}, 0, 0, "mode=q code width in bits"},
+        {"bits", ParamType::Int, "1", {"1", "2", "4"}, 0, 0, "mode=q code width in bits", "KV-"},
         {"group", ParamType::Int, "64", {}, 1, 4096, "mode=q tokens per K group and channels per V group"},
         {"residual", ParamType::Int, "128", {}, 0, 1 << 20,
          "mode=q fp16 residual R: K keeps T mod R recent tokens, V the last R (multiple of group; 0 = none)"},
