@@ -108,7 +108,8 @@ async function search(loaded: LoadedDump, codec: string, knob: CodecParamSpec, k
     return { best, evaluations };
   }
   // Continuous knob: error grows with the value when larger compresses more; bisect in log space.
-  const [lo, hi] = [knob.min ?? 0, knob.max ?? 1];
+  // Stay just inside the declared range: some codecs exclude its ends.
+  const [lo, hi] = [(knob.min ?? 0) * 1.001, (knob.max ?? 1) * 0.999];
   if (!(lo > 0 && hi > lo)) throw new PackkvError(`codec '${codec}': tune knob ${knob.name} needs a positive range`);
   const fmt = (x: number) => String(Number(x.toPrecision(4)));
   const compressMost = larger ? hi : lo;
