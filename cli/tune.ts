@@ -54,6 +54,8 @@ export interface TunedTensor {
   deviceBytes: number | null;
   /** the target metric at the chosen setting (worst layer) */
   achieved: number | null;
+  /** the attention-output error at the chosen setting (worst layer) */
+  attnOutWorst: number | null;
   /** the target it was held to (a K-only metric tunes V on attn_out_rel at K's achieved value) */
   heldTo: TuneTarget;
   evaluations: number;
@@ -80,6 +82,8 @@ interface Probe {
   value: string;
   ok: boolean;
   achieved: number;
+  /** worst-layer attention-output error at this setting (what V is held to for key-only targets) */
+  attnOut: number;
   aggregate: BenchRecord;
 }
 
@@ -89,7 +93,8 @@ async function probe(loaded: LoadedDump, codec: string, knob: string, value: str
   const metric = target.metric;
   const worst = worstOverLayers(records, target);
   if (worst === null) throw new PackkvError(`target ${target.name}: ${metric} is not defined for ${kind} records`);
-  return { value, ok: passes(worst, target), achieved: worst, aggregate: records.find((r) => r.layer === 'all')! };
+  const attnOut = Math.max(...records.filter((r) => r.layer !== 'all').map((r) => r.attnOutRelL2));
+  return { value, ok: passes(worst, target), achieved: worst, attnOut, aggregate: records.find((r) => r.layer === 'all')! };
 }
 
 /** Values to scan for a discrete knob, or a log-space bisection for a continuous one. */
@@ -141,6 +146,7 @@ async function tuneTensor(loaded: LoadedDump, codec: CodecInfo, kind: TensorKind
     fp16Bytes,
     deviceBytes: best?.aggregate.deviceBytes ?? null,
     achieved: best?.achieved ?? null,
+    attnOutWorst: best?.attnOut ?? null,
     heldTo: target,
     evaluations,
   };
@@ -151,9 +157,9 @@ export async function tuneCodec(loaded: LoadedDump, codec: CodecInfo, target: Tu
   const k = await tuneTensor(loaded, codec, 'K', target, ctx, sink);
   const kOnly = target.metric !== 'attnOutRelL2';
   const vTarget: TuneTarget = kOnly
-    ? { name: 'attn_out_rel', metric: 'attnOutRelL2', atLeast: false, limit: k.achieved === null ? 0 : Math.max(k.achieved, 1e-6) }
+    ? { name: 'attn_out_rel', metric: 'attnOutRelL2', atLeast: false, limit: Math.max(k.attnOutWorst ?? 0, 1e-6) }
     : target;
-  if (kOnly && k.achieved === null) {
+  if (kOnly && k.attnOutWorst === null) {
     return { codec: codec.name, k, v: { ...k, kind: 'V', spec: null, value: null, ratio: null, deviceBytes: null, heldTo: vTarget }, totalRatio: null };
   }
   const v = await tuneTensor(loaded, codec, 'V', vTarget, ctx, sink);

@@ -56,6 +56,10 @@ describe('tune', () => {
       for (const fewer of ['1', '2', '4', '8'].filter((b) => Number(b) < Number(chosen))) expect(worst[fewer]).toBeGreaterThan(0.02);
       expect((kind === 'K' ? row.k : row.v).achieved).toBe(worst[chosen]);
     }
+    // a key-only target holds V to the attention-output error of the tuned K setting
+    const klRow = await tuneCodec(loaded, kivi, parseTarget('kl=1e-3'), ctx, []);
+    expect(klRow.v.heldTo).toEqual({ name: 'attn_out_rel', metric: 'attnOutRelL2', atLeast: false, limit: Math.max(klRow.k.attnOutWorst!, 1e-6) });
+    expect(klRow.k.achieved!).toBeLessThanOrEqual(1e-3);
     const [withVs] = compareToKivi([row]);
     expect(withVs.vsKivi).toBe(0);
     expect(row.totalRatio).toBeCloseTo((row.k.fp16Bytes * 2) / (row.k.deviceBytes! + row.v.deviceBytes!), 12);

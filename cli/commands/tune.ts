@@ -34,7 +34,7 @@ export function renderFrontier(rows: FrontierRow[], targetText: string): string 
     const vs = r.vsKivi === null ? '–' : `${r.vsKivi >= 0 ? '+' : ''}${(r.vsKivi * 100).toFixed(1)}%`;
     table.push([r.codec, setting(r.k), setting(r.v), fmtRatio(r.k.ratio), fmtRatio(r.v.ratio), fmtRatio(r.totalRatio), fmtMetric(r.k.achieved), fmtMetric(r.v.achieved), r.codec === 'kivi' ? 'baseline' : vs]);
   }
-  const vNote = rows[0] && rows[0].v.heldTo.name !== rows[0].k.heldTo.name ? `\nV is held to attn_out_rel at the value the tuned K setting reaches (${targetText} is defined for keys only).` : '';
+  const vNote = rows[0] && rows[0].v.heldTo.name !== rows[0].k.heldTo.name ? `\n${targetText} is defined for keys only: each codec's V is held to the attention-output error its tuned K setting reaches (worst layer), and the V column shows that error.` : '';
   return `${table.toString()}\ntarget ${targetText} on every layer; ratios are device bytes (fp16 ÷ stored), "vs KIVI" compares total ratios.${vNote}\n`;
 }
 
