@@ -1,9 +1,10 @@
-// `packkv report`: reads result files and prints them as a table, CSV, JSON or Markdown.
+// `packkv report`: reads result files and prints them as a table, CSV, JSON or Markdown, or draws them as SVG charts.
 
 import { Command, Option } from 'commander';
 import { PackkvError } from '../errors.js';
+import { DEFAULT_PROXY, PROXY_FIELDS, renderPlot, type ProxyField } from '../plot.js';
 import { renderReport, selectRecords, type LayerSelection, type ReportFormat } from '../report-format.js';
-import { DEFAULT_RESULTS_DIR, readRecords, writeFileAtomic } from '../results.js';
+import { DEFAULT_RESULTS_DIR, readRecords, writeFileAtomic, type BenchRecord } from '../results.js';
 
 interface ReportCliOptions {
   csv?: boolean;
@@ -12,6 +13,8 @@ interface ReportCliOptions {
   layers: LayerSelection;
   codec?: string;
   out?: string;
+  plot?: string;
+  proxy?: ProxyField;
 }
 
 const EXAMPLES = `
@@ -19,7 +22,9 @@ Examples:
   packkv report                                          table of every run under results/
   packkv report results/ --csv > results.csv             all fields as CSV
   packkv report results/2026-11-23T07-30-00-abc.jsonl --json
-  packkv report --layers each --codec kivi --markdown    per-layer rows of one codec`;
+  packkv report --layers each --codec kivi --markdown    per-layer rows of one codec
+  packkv report results/ --plot rd.svg                   ratio vs attention-output error, a line per codec
+  packkv report --plot kl.svg --proxy kl --codec kivi    ratio vs KL of one codec's settings`;
 
 function chosenFormat(opts: ReportCliOptions): ReportFormat {
   if (opts.csv) return 'csv';
@@ -39,10 +44,20 @@ async function runReport(paths: string[], opts: ReportCliOptions): Promise<void>
     const hint = opts.codec !== undefined ? `codec '${opts.codec}'` : `--layers ${opts.layers}`;
     throw new PackkvError(`${records.length} records in ${where}, but none match ${hint} (try --layers each)`);
   }
+  if (opts.plot !== undefined) return writePlot(records, opts.plot, opts);
+  if (opts.proxy !== undefined) throw new PackkvError('--proxy chooses the x axis of --plot; give --plot <file.svg> too');
   const color = opts.out === undefined && process.stdout.isTTY === true;
   const text = renderReport(records, chosenFormat(opts), { ...selection, color });
   if (opts.out !== undefined) await writeFileAtomic(opts.out, text);
   else process.stdout.write(text);
+}
+
+async function writePlot(records: BenchRecord[], file: string, opts: ReportCliOptions): Promise<void> {
+  const selected = selectRecords(records, { layers: 'all', codec: opts.codec });
+  const plot = await renderPlot(selected, { proxy: opts.proxy ?? DEFAULT_PROXY });
+  await writeFileAtomic(file, plot.svg);
+  const codecs = `${plot.codecs.length} codec${plot.codecs.length === 1 ? '' : 's'}`;
+  process.stdout.write(`wrote ${file} (${plot.points.length} points, ${codecs})\n`);
 }
 
 export function registerReport(program: Command): Command {
@@ -63,6 +78,13 @@ export function registerReport(program: Command): Command {
     )
     .option('--codec <name>', 'only this codec (name, or full spec name:params)')
     .option('--out <file>', 'write to this file (atomically) instead of stdout')
+    .addOption(
+      new Option('--plot <file.svg>', 'draw rate–distortion curves (and GPU speed-ups where recorded) as SVG instead')
+        .conflicts([...formats, 'out', 'layers']),
+    )
+    .addOption(
+      new Option('--proxy <field>', `x axis of --plot (default: ${DEFAULT_PROXY})`).choices(PROXY_FIELDS),
+    )
     .addHelpText('after', EXAMPLES)
     .action(runReport);
 }
