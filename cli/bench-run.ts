@@ -9,6 +9,7 @@ import {
   attentionScores,
   ErrorAccumulator,
   ProxyAccumulator,
+  causalVisibility,
   softmaxRows,
   tensorError,
   type AttentionShape,
@@ -47,6 +48,18 @@ function selfKeyQueries(k: Float32Array, kvHeads: number, tokens: number, headDi
   return q;
 }
 
+/**
+ * Positions of the queries: the dump's metadata `q_positions` ("a..b") when it agrees with the
+ * query count, else the last nQueries positions (DESIGN.md: the last decode steps). Stand-in
+ * self-key queries are the last keys, at the same positions.
+ */
+export function queryPositionsOf(dump: KvDump, nQueries: number): number[] {
+  const m = /^(\d+)\.\.(\d+)$/.exec(dump.metadata.q_positions ?? '');
+  if (m && Number(m[2]) - Number(m[1]) + 1 === nQueries && Number(m[2]) < dump.tokens)
+    return Array.from({ length: nQueries }, (_, n) => Number(m[1]) + n);
+  return Array.from({ length: nQueries }, (_, n) => dump.tokens - nQueries + n);
+}
+
 async function layerProblem(dump: KvDump, layerIndex: number, allowNonFinite: boolean): Promise<LayerProblem> {
   const { k, v, q } = await loadLayer(dump, dump.layers[layerIndex], { allowNonFinite });
   const { kvHeads, tokens, headDim } = dump;
@@ -54,9 +67,10 @@ async function layerProblem(dump: KvDump, layerIndex: number, allowNonFinite: bo
   const nQueries = q ? dump.nQueries : Math.min(16, tokens);
   const qHeads = q ? dump.heads : kvHeads;
   const queries = q ?? selfKeyQueries(k, kvHeads, tokens, headDim, nQueries);
-  const shape: AttentionShape = { qHeads, kvHeads, tokens, headDim, nQueries };
+  const queryPositions = queryPositionsOf(dump, nQueries);
+  const shape: AttentionShape = { qHeads, kvHeads, tokens, headDim, nQueries, queryPositions };
   const scores = attentionScores(queries, k, shape);
-  const probs = softmaxRows(scores, tokens, 1 / Math.sqrt(headDim));
+  const probs = softmaxRows(scores, tokens, 1 / Math.sqrt(headDim), causalVisibility(shape));
   return { k, v, q: queries, shape, proxy, ref: { scores, probs, out: attentionOutput(probs, v, shape) } };
 }
 
@@ -84,7 +98,7 @@ async function runTensor(spec: string, kind: TensorKind, p: LayerProblem, label:
   if (kind === 'K') {
     // Scores come from the fused product on the compressed stream, not from the decoded tensor.
     const [scores, productMs] = await timed(() => nat.qk(encoded.stream, p.q, qHeads, nQueries, label));
-    const probs = softmaxRows(scores, tokens, 1 / Math.sqrt(headDim));
+    const probs = softmaxRows(scores, tokens, 1 / Math.sqrt(headDim), causalVisibility(p.shape));
     return { encoded, decoded, encodeMs, decodeMs, productMs, test: { scores, probs, out: attentionOutput(probs, p.v, p.shape) } };
   }
   const [out, productMs] = await timed(() => nat.pv(encoded.stream, p.ref.probs, qHeads, nQueries, label));

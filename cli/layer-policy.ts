@@ -43,7 +43,8 @@ function checkLayer(l: LayerAttention): void {
 
 /**
  * P = mean over the last RULE_QUERIES queries and all heads of the softmax(q·Kᵀ/√D) mass outside
- * the top floor(alpha·T) tokens (no causal mask; query head h reads KV head h / (qHeads/kvHeads)).
+ * the top floor(alpha·T) tokens (causal when the shape gives query positions; query head h reads
+ * KV head h / (qHeads/kvHeads)).
  */
 export function densePreferenceScore(l: LayerAttention, alpha: number): number {
   checkLayer(l);
@@ -57,15 +58,17 @@ export function densePreferenceScore(l: LayerAttention, alpha: number): number {
     for (let h = 0; h < qHeads; h++) {
       const qOff = (n * qHeads + h) * headDim;
       const kBase = Math.floor(h / (qHeads / kvHeads)) * tokens * headDim;
+      const visible = l.shape.queryPositions ? Math.min(tokens, l.shape.queryPositions[n] + 1) : tokens;
       let max = -Infinity;
-      for (let t = 0; t < tokens; t++) {
+      probs.fill(0);
+      for (let t = 0; t < visible; t++) {
         let dot = 0;
         for (let d = 0; d < headDim; d++) dot += l.q[qOff + d] * l.k[kBase + t * headDim + d];
         probs[t] = dot * scale;
         max = Math.max(max, probs[t]);
       }
       let sum = 0;
-      for (let t = 0; t < tokens; t++) sum += (probs[t] = Math.exp(probs[t] - max));
+      for (let t = 0; t < visible; t++) sum += (probs[t] = Math.exp(probs[t] - max));
       probs.sort();
       let topMass = 0;
       for (let i = 0; i < top; i++) topMass += probs[tokens - 1 - i];

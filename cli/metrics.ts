@@ -19,6 +19,8 @@ export interface AttentionShape {
   tokens: number;
   headDim: number;
   nQueries: number;
+  /** absolute token position of each query (causal mask: query n sees tokens 0..pos[n]); all tokens when absent */
+  queryPositions?: number[];
 }
 
 /** The three stages of attention: raw scores q·Kᵀ, softmax probabilities, output p·V. */
@@ -109,6 +111,7 @@ export function tensorError(original: Float32Array, reconstructed: Float32Array)
 /** Validates the shape and returns the GQA group size (query heads per KV head). */
 function checkShape(shape: AttentionShape): number {
   for (const [name, v] of Object.entries(shape)) {
+    if (name === 'queryPositions') continue; // checked by causalVisibility
     if (!Number.isInteger(v) || v < 0) throw new PackkvError(`attention shape: ${name}=${v} is not a count`);
   }
   if (shape.kvHeads === 0 || shape.qHeads % shape.kvHeads !== 0) {
@@ -141,23 +144,42 @@ export function attentionScores(q: Float32Array, k: Float32Array, shape: Attenti
 }
 
 /** Row-wise softmax(scale · s), max-subtracted for stability. scale is 1/√headDim for attention. */
-export function softmaxRows(scores: Float32Array, rowLen: number, scale: number): Float32Array {
+export function softmaxRows(scores: Float32Array, rowLen: number, scale: number, visible?: ArrayLike<number>): Float32Array {
   if (rowLen <= 0 || scores.length % rowLen !== 0) {
     throw new PackkvError(`softmaxRows: length ${scores.length} is not a multiple of row length ${rowLen}`);
   }
+  if (visible && visible.length !== scores.length / rowLen) {
+    throw new PackkvError(`softmaxRows: ${visible.length} visibility limits for ${scores.length / rowLen} rows`);
+  }
   const probs = new Float32Array(scores.length);
   const exps = new Float64Array(rowLen);
-  for (let off = 0; off < scores.length; off += rowLen) {
+  for (let off = 0, row = 0; off < scores.length; off += rowLen, row++) {
+    // Causal attention: the row sees tokens [0, n); the rest get probability 0.
+    const n = visible ? Math.max(1, Math.min(rowLen, visible[row])) : rowLen;
     let max = -Infinity;
-    for (let t = 0; t < rowLen; t++) max = Math.max(max, scale * scores[off + t]);
+    for (let t = 0; t < n; t++) max = Math.max(max, scale * scores[off + t]);
     let sum = 0;
-    for (let t = 0; t < rowLen; t++) {
+    for (let t = 0; t < n; t++) {
       exps[t] = Math.exp(scale * scores[off + t] - max);
       sum += exps[t];
     }
-    for (let t = 0; t < rowLen; t++) probs[off + t] = exps[t] / sum;
+    for (let t = 0; t < n; t++) probs[off + t] = exps[t] / sum;
   }
   return probs;
+}
+
+/**
+ * Tokens each attention row may see under causal masking: query n at absolute position pos[n]
+ * sees tokens 0..pos[n]. Rows are [nQueries, qHeads]. Without positions every row sees all.
+ */
+export function causalVisibility(shape: AttentionShape): Int32Array | undefined {
+  const positions = shape.queryPositions;
+  if (!positions) return undefined;
+  if (positions.length !== shape.nQueries)
+    throw new PackkvError(`causalVisibility: ${positions.length} query positions for ${shape.nQueries} queries`);
+  const visible = new Int32Array(shape.nQueries * shape.qHeads);
+  for (let n = 0; n < shape.nQueries; n++) visible.fill(positions[n] + 1, n * shape.qHeads, (n + 1) * shape.qHeads);
+  return visible;
 }
 
 /** out[n, h, :] = Σ_t p[n, h, t] · v[h / group, t, :]. */

@@ -198,3 +198,24 @@ describe('compressionRatio', () => {
     expect(() => compressionRatio(4096, 0)).toThrow(PackkvError);
   });
 });
+
+describe('causal masking', () => {
+  it('a row sees tokens 0..pos: softmax over the visible prefix, zeros after', async () => {
+    const { causalVisibility } = await import('../cli/metrics.js');
+    const shape = { qHeads: 2, kvHeads: 1, tokens: 3, headDim: 1, nQueries: 2, queryPositions: [0, 1] };
+    const visible = causalVisibility(shape)!;
+    expect(Array.from(visible)).toEqual([1, 1, 2, 2]);
+    const p = softmaxRows(f32([5, 1, 1, 5, 1, 1, 0, Math.log(3), 9, 0, Math.log(3), 9]), 3, 1, visible);
+    expect(Array.from(p.subarray(0, 6))).toEqual([1, 0, 0, 1, 0, 0]);
+    expect(p[6]).toBeCloseTo(0.25, 7);
+    expect(p[7]).toBeCloseTo(0.75, 7);
+    expect(p[8]).toBe(0); // the score 9 at a later token is masked, not the maximum
+  });
+
+  it('query positions come from q_positions metadata, else the last positions', async () => {
+    const { queryPositionsOf } = await import('../cli/bench-run.js');
+    const dump = { tokens: 100, metadata: { q_positions: '90..93' } } as never;
+    expect(queryPositionsOf(dump, 4)).toEqual([90, 91, 92, 93]);
+    expect(queryPositionsOf(dump, 3)).toEqual([97, 98, 99]); // metadata disagrees with the count
+  });
+});
