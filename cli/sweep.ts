@@ -15,7 +15,7 @@ export function expandValues(key: string, value: string): string[] {
     return Array.from({ length: n }, (_, i) => {
       const t = i / (n - 1);
       const v = log ? lo * (hi / lo) ** t : lo + (hi - lo) * t;
-      return String(Number(v.toPrecision(6)));
+      return String(Number(v.toPrecision(3)));
     });
   }
   return value.split('|');
