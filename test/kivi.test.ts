@@ -1,57 +1,11 @@
 // KIVI and fp16 codecs through the native addon: byte counts by hand, error bounds, fused products.
 import { describe, expect, it } from 'vitest';
 
-import { f16ToF32, f32ToF16 } from '../cli/io/dtype.js';
 import { native, type KvShape, type TensorKind } from '../cli/native.js';
 import { filled, lcg, relDiff, streamBody } from './helpers.js';
+import { half, asF16, realistic, qkRef, pvRef } from './codec-helpers.js';
 
 const nat = native();
-
-function half(bits: number): number {
-  return f16ToF32(new Uint16Array([bits]))[0];
-}
-
-/** Round to fp16 so a tensor is exactly what an fp16 dump holds. */
-function asF16(x: Float32Array): Float32Array {
-  return f16ToF32(f32ToF16(x));
-}
-
-function realistic(shape: KvShape, seed: number, outlierChannel = 5): Float32Array {
-  const r = lcg(seed);
-  return asF16(filled(shape.kvHeads * shape.tokens * shape.headDim, (i) => {
-    const d = i % shape.headDim;
-    return r() * 2 + Math.sin(i * 0.001) + (d === outlierChannel ? 12 + r() : 0);
-  }));
-}
-
-/** Reference products on a decoded tensor, in double. */
-function qkRef(k: Float32Array, q: Float32Array, s: KvShape, qHeads: number, nq: number): Float32Array {
-  const out = new Float32Array(nq * qHeads * s.tokens);
-  for (let n = 0; n < nq; n++)
-    for (let h = 0; h < qHeads; h++) {
-      const kh = Math.floor(h / (qHeads / s.kvHeads));
-      for (let t = 0; t < s.tokens; t++) {
-        let acc = 0;
-        for (let d = 0; d < s.headDim; d++) acc += q[(n * qHeads + h) * s.headDim + d] * k[(kh * s.tokens + t) * s.headDim + d];
-        out[(n * qHeads + h) * s.tokens + t] = acc;
-      }
-    }
-  return out;
-}
-
-function pvRef(v: Float32Array, p: Float32Array, s: KvShape, qHeads: number, nq: number): Float32Array {
-  const out = new Float32Array(nq * qHeads * s.headDim);
-  for (let n = 0; n < nq; n++)
-    for (let h = 0; h < qHeads; h++) {
-      const kh = Math.floor(h / (qHeads / s.kvHeads));
-      for (let d = 0; d < s.headDim; d++) {
-        let acc = 0;
-        for (let t = 0; t < s.tokens; t++) acc += p[(n * qHeads + h) * s.tokens + t] * v[(kh * s.tokens + t) * s.headDim + d];
-        out[(n * qHeads + h) * s.headDim + d] = acc;
-      }
-    }
-  return out;
-}
 
 describe('byte accounting, counted by hand', () => {
   const shape = { kvHeads: 1, tokens: 64, headDim: 32 };

@@ -9,6 +9,7 @@ import { f16ToF32, f32ToF16 } from '../cli/io/dtype.js';
 import { loadLayer, openDump } from '../cli/io/dump.js';
 import { native, type EncodedTensor, type KvShape, type TensorKind } from '../cli/native.js';
 import { filled, lcg, relDiff, streamBody } from './helpers.js';
+import { realistic, qkRef, pvRef } from './codec-helpers.js';
 
 const nat = native();
 
@@ -17,14 +18,6 @@ const half = (bits: number) => f16ToF32(new Uint16Array([bits]))[0];
 const asF16 = (x: Float32Array) => f16ToF32(f32ToF16(x));
 const bitLength = (v: number) => (v === 0 ? 0 : 32 - Math.clz32(v));
 const roundHalfEven = (x: number) => (Math.abs(x % 1) === 0.5 ? 2 * Math.round(x / 2) : Math.round(x));
-
-function realistic(shape: KvShape, seed: number, outlierChannel = 5): Float32Array {
-  const r = lcg(seed);
-  return asF16(filled(shape.kvHeads * shape.tokens * shape.headDim, (i) => {
-    const d = i % shape.headDim;
-    return r() * 2 + Math.sin(i * 0.001) + (d === outlierChannel ? 12 + r() : 0);
-  }));
-}
 
 /** LSB-first bit reader over bytes, as the codec's BitReader. */
 class Bits {
@@ -327,35 +320,6 @@ describe('repacking', () => {
     }
   });
 });
-
-/** Reference products on a decoded tensor, in double. */
-function qkRef(k: Float32Array, q: Float32Array, s: KvShape, qHeads: number, nq: number): Float32Array {
-  const out = new Float32Array(nq * qHeads * s.tokens);
-  for (let n = 0; n < nq; n++)
-    for (let h = 0; h < qHeads; h++) {
-      const kh = Math.floor(h / (qHeads / s.kvHeads));
-      for (let t = 0; t < s.tokens; t++) {
-        let acc = 0;
-        for (let d = 0; d < s.headDim; d++) acc += q[(n * qHeads + h) * s.headDim + d] * k[(kh * s.tokens + t) * s.headDim + d];
-        out[(n * qHeads + h) * s.tokens + t] = acc;
-      }
-    }
-  return out;
-}
-
-function pvRef(v: Float32Array, p: Float32Array, s: KvShape, qHeads: number, nq: number): Float32Array {
-  const out = new Float32Array(nq * qHeads * s.headDim);
-  for (let n = 0; n < nq; n++)
-    for (let h = 0; h < qHeads; h++) {
-      const kh = Math.floor(h / (qHeads / s.kvHeads));
-      for (let d = 0; d < s.headDim; d++) {
-        let acc = 0;
-        for (let t = 0; t < s.tokens; t++) acc += p[(n * qHeads + h) * s.tokens + t] * v[(kh * s.tokens + t) * s.headDim + d];
-        out[(n * qHeads + h) * s.headDim + d] = acc;
-      }
-    }
-  return out;
-}
 
 async function expectProducts(spec: string, s: KvShape, k: Float32Array, v: Float32Array, qHeads: number, nq: number) {
   const r = lcg(99);
