@@ -11,7 +11,6 @@ import {
   ProxyAccumulator,
   causalVisibility,
   softmaxRows,
-  tensorError,
   type AttentionShape,
   type AttentionTensors,
 } from './metrics.js';
@@ -21,7 +20,10 @@ import type { BenchRecord } from './results.js';
 export interface BenchContext {
   runId: string;
   gitCommit: string | null;
+  /** 'cuda': products and decode run on the GPU for codecs with CUDA kernels (encode stays on the CPU) */
   device: 'cpu' | 'cuda';
+  /** timed GPU repeats (median reported) */
+  gpuRepeats?: number;
   allowNonFinite: boolean;
   /** called after each (dump, layer, codec) step */
   onStep?: (label: string) => void;
@@ -75,6 +77,8 @@ async function layerProblem(dump: KvDump, layerIndex: number, allowNonFinite: bo
 }
 
 interface TensorRun {
+  /** where decode and the product ran (a stream without CUDA kernels falls back to the CPU) */
+  device: 'cpu' | 'cuda';
   encoded: EncodedTensor;
   decoded: Float32Array;
   encodeMs: number;
@@ -89,20 +93,38 @@ async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
   return [value, performance.now() - t0];
 }
 
-async function runTensor(spec: string, kind: TensorKind, p: LayerProblem, label: string): Promise<TensorRun> {
+async function runTensor(spec: string, kind: TensorKind, p: LayerProblem, label: string, gpu: { repeats: number } | null): Promise<TensorRun> {
   const nat = native();
   const { kvHeads, tokens, headDim, qHeads, nQueries } = p.shape;
   const data = kind === 'K' ? p.k : p.v;
   const [encoded, encodeMs] = await timed(() => nat.encode(spec, kind, data, { kvHeads, tokens, headDim }, label));
-  const [decoded, decodeMs] = await timed(() => nat.decode(encoded.stream, label));
+  // On the GPU the times are CUDA-event medians of the kernels alone; on the CPU, wall time of one call.
+  // A stream the GPU has no kernels for (e.g. one mode of a per-layer codec) runs on the CPU reference.
+  let device: 'cpu' | 'cuda' = gpu ? 'cuda' : 'cpu';
+  const onGpuOrCpu = async (op: 'decode' | 'qk' | 'pv', x: Float32Array | null): Promise<[Float32Array, number]> => {
+    if (device === 'cuda') {
+      try {
+        const r = await nat.gpuRun(op, encoded.stream, x, qHeads, nQueries, gpu!.repeats, label);
+        return [r.result, r.medianMs];
+      } catch (e) {
+        if (!/no CUDA kernels/.test((e as Error).message)) throw e;
+        device = 'cpu';
+      }
+    }
+    if (op === 'decode') return timed(() => nat.decode(encoded.stream, label));
+    return timed(() => (op === 'qk' ? nat.qk : nat.pv)(encoded.stream, x!, qHeads, nQueries, label));
+  };
+  const decodeOn = () => onGpuOrCpu('decode', null);
+  const productOn = (op: 'qk' | 'pv', x: Float32Array) => onGpuOrCpu(op, x);
+  const [decoded, decodeMs] = await decodeOn();
   if (kind === 'K') {
     // Scores come from the fused product on the compressed stream, not from the decoded tensor.
-    const [scores, productMs] = await timed(() => nat.qk(encoded.stream, p.q, qHeads, nQueries, label));
+    const [scores, productMs] = await productOn('qk', p.q);
     const probs = softmaxRows(scores, tokens, 1 / Math.sqrt(headDim), causalVisibility(p.shape));
-    return { encoded, decoded, encodeMs, decodeMs, productMs, test: { scores, probs, out: attentionOutput(probs, p.v, p.shape) } };
+    return { encoded, decoded, encodeMs, decodeMs, productMs, device, test: { scores, probs, out: attentionOutput(probs, p.v, p.shape) } };
   }
-  const [out, productMs] = await timed(() => nat.pv(encoded.stream, p.ref.probs, qHeads, nQueries, label));
-  return { encoded, decoded, encodeMs, decodeMs, productMs, test: { ...p.ref, out } };
+  const [out, productMs] = await productOn('pv', p.ref.probs);
+  return { encoded, decoded, encodeMs, decodeMs, productMs, device, test: { ...p.ref, out } };
 }
 
 /** Sums of one codec × tensor over the layers of a dump, for the layer='all' record. */
@@ -114,6 +136,8 @@ class TensorTotals {
   encodeMs = 0;
   decodeMs = 0;
   productMs = 0;
+  layers = 0;
+  cpuLayers = 0;
 
   /** params: the aggregate's parameter string; per-layer totals take the layer's own. */
   constructor(public params = '') {}
@@ -126,6 +150,8 @@ class TensorTotals {
     this.encodeMs += run.encodeMs;
     this.decodeMs += run.decodeMs;
     this.productMs += run.productMs;
+    this.layers += 1;
+    if (run.device === 'cpu') this.cpuLayers += 1;
     if (this.params === '') this.params = run.encoded.params;
   }
 }
@@ -155,7 +181,7 @@ function makeRecord(
     tensor: kind,
     codec,
     params: t.params,
-    device: ctx.device,
+    device: ctx.device === 'cuda' && t.cpuLayers === t.layers ? 'cpu' : ctx.device,
     gitCommit: ctx.gitCommit,
     kvHeads: dump.kvHeads,
     heads: dump.heads || dump.kvHeads,
@@ -183,6 +209,9 @@ function makeRecord(
     qkMs: isK ? t.productMs : null,
     pvMs: isK ? null : t.productMs,
     notes: [
+      ...(ctx.device === 'cuda' && t.cpuLayers > 0
+        ? [`${t.cpuLayers} of ${t.layers} layers ran on the CPU reference (no CUDA kernels for their streams)`]
+        : []),
       ...(proxy === 'self-keys' ? ['proxy=self-keys: the dump has no queries; its last keys stand in'] : []),
       ...(dump.postRope ? [] : ['keys are pre-RoPE (dump metadata)']),
     ],
@@ -216,6 +245,9 @@ export async function evaluateSpec(
   const attention = problems.map((p, li) => ({ layer: dump.layers[li].layer, q: p.q, k: p.k, shape: p.shape }));
   const layerSpecs = resolveLayerSpecs(spec, attention);
   const canonical = native().parseCodec(spec);
+  const onGpu = ctx.device === 'cuda' && native().gpuCodecs().includes(canonical.codec);
+  const gpu = onGpu ? { repeats: ctx.gpuRepeats ?? 20 } : null;
+  const specCtx: BenchContext = { ...ctx, device: onGpu ? 'cuda' : 'cpu' };
   const records: BenchRecord[] = [];
   const totals = new Map(kinds.map((k) => [k, new TensorTotals(canonical.params)]));
   for (let li = 0; li < dump.layers.length; li++) {
@@ -223,19 +255,19 @@ export async function evaluateSpec(
     const fp16Bytes = problem.k.length * 2;
     for (const kind of kinds) {
       const entry = kind === 'K' ? dump.layers[li].key : dump.layers[li].value;
-      const run = await runTensor(layerSpecs[li], kind, problem, entry.name).catch((e: Error) => {
+      const run = await runTensor(layerSpecs[li], kind, problem, entry.name, gpu).catch((e: Error) => {
         throw new PackkvError(e.message.replace(/^tensor '[^']*': /, ''), entry.file, entry.name);
       });
       const original = kind === 'K' ? problem.k : problem.v;
       const layerTotals = new TensorTotals();
       layerTotals.add(run, problem, fp16Bytes, original);
-      records.push(makeRecord(ctx, dump, dump.layers[li].layer, kind, canonical.codec, problem.proxy, layerTotals));
+      records.push(makeRecord(specCtx, dump, dump.layers[li].layer, kind, canonical.codec, problem.proxy, layerTotals));
       totals.get(kind)!.add(run, problem, fp16Bytes, original);
     }
     ctx.onStep?.(`${dump.name} layer ${dump.layers[li].layer} ${spec}`);
   }
   const proxy = problems[0]?.proxy ?? 'queries';
-  for (const kind of kinds) records.push(makeRecord(ctx, dump, 'all', kind, canonical.codec, proxy, totals.get(kind)!));
+  for (const kind of kinds) records.push(makeRecord(specCtx, dump, 'all', kind, canonical.codec, proxy, totals.get(kind)!));
   return records;
 }
 

@@ -97,4 +97,21 @@ export interface NativeAddon {
    * result f32 [nQueries, qHeads, headDim].
    */
   pv(stream: Uint8Array, p: Float32Array, qHeads: number, nQueries: number, label?: string): Promise<Float32Array>;
+  /** Codecs with CUDA kernels in this build (empty without CUDA). */
+  gpuCodecs(): string[];
+  /**
+   * Runs decode / q·Kᵀ / p·V on the GPU over the stream's body (x as for qk/pv, converted to
+   * fp16; null for decode): 3 warm-up runs, then `repeats` timed with CUDA events. Output buffers
+   * are poisoned with NaN before each run; an unwritten output rejects.
+   */
+  gpuRun(op: 'decode' | 'qk' | 'pv', stream: Uint8Array, x: Float32Array | null, qHeads: number, nQueries: number, repeats: number, label?: string): Promise<GpuRunResult>;
+}
+
+export interface GpuRunResult {
+  result: Float32Array;
+  /** median of the timed repeats, milliseconds */
+  medianMs: number;
+  minMs: number;
+  repeats: number;
+  device: string;
 }

@@ -45,6 +45,7 @@ export function native(): NativeAddon {
     decode: async (...args) => raw.decode(...args),
     qk: async (...args) => raw.qk(...args),
     pv: async (...args) => raw.pv(...args),
+    gpuRun: async (...args) => raw.gpuRun(...args),
   };
   return cached;
 }

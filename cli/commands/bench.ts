@@ -12,6 +12,7 @@ import { renderJson, renderSummaryLine, renderTable } from '../report-format.js'
 import { DEFAULT_RESULTS_DIR, gitCommit, newRunId, writeRecords, type BenchRecord } from '../results.js';
 
 interface BenchOptions {
+  repeats: string;
   codec: string[];
   sweep: string[];
   device: 'auto' | 'cpu' | 'cuda';
@@ -54,22 +55,28 @@ export function formatCodecList(codecs: CodecInfo[]): string {
   return lines.join('\n') + '\n';
 }
 
-/** Picks the device: 'auto' falls back to the CPU with one line saying why. */
-function chooseDevice(requested: BenchOptions['device'], say: (line: string) => void): 'cpu' | 'cuda' {
+/**
+ * Picks the device: 'cuda' needs a usable GPU and kernels for every codec asked for; 'auto' uses
+ * the GPU where it can and says in one line what runs on the CPU and why.
+ */
+function chooseDevice(requested: BenchOptions['device'], specs: string[], say: (line: string) => void): 'cpu' | 'cuda' {
   if (requested === 'cpu') return 'cpu';
-  const cuda = native().backends().cuda;
+  const nat = native();
+  const cuda = nat.backends().cuda;
+  const withKernels = new Set(nat.gpuCodecs());
+  const cpuOnly = [...new Set(specs.map((s) => nat.parseCodec(s).codec))].filter((c) => !withKernels.has(c));
   if (requested === 'cuda') {
     if (!cuda.usable) throw new PackkvError(`--device cuda: ${cuda.reason}`);
-    throw new PackkvError(
-      `--device cuda: ${cuda.device} is usable, but this build has no CUDA codec kernels yet; use --device cpu`,
-    );
+    if (cpuOnly.length)
+      throw new PackkvError(`--device cuda: no CUDA kernels for ${cpuOnly.join(', ')} in this build (GPU codecs: ${[...withKernels].join(', ') || 'none'})`);
+    return 'cuda';
   }
-  say(
-    cuda.usable
-      ? `packkv: ${cuda.device} found, but this build has no CUDA codec kernels yet; running on the CPU reference`
-      : `packkv: ${cuda.reason}; running on the CPU reference`,
-  );
-  return 'cpu';
+  if (!cuda.usable) {
+    say(`packkv: ${cuda.reason}; running on the CPU reference`);
+    return 'cpu';
+  }
+  say(`packkv: ${cuda.device}: decode and fused products on the GPU` + (cpuOnly.length ? `; ${cpuOnly.join(', ')} on the CPU reference (no CUDA kernels yet)` : ''));
+  return 'cuda';
 }
 
 async function runBench(files: string[], opts: BenchOptions): Promise<void> {
@@ -82,7 +89,7 @@ async function runBench(files: string[], opts: BenchOptions): Promise<void> {
   const specs = chosen.length > 0 ? chosen : nat.codecs().flatMap((c) => c.defaultRuns);
   specs.forEach((s) => nat.parseCodec(s)); // fail on a bad spec before any work
   const say = (line: string) => process.stderr.write(line + '\n');
-  const device = chooseDevice(opts.device, say);
+  const device = chooseDevice(opts.device, specs, say);
   const groups = files.length > 0 ? groupDumpFiles(files) : [defaultDumpFiles()];
   const dumps: KvDump[] = [];
   for (const g of groups) dumps.push(await openDump(g, { layout: opts.layout }));
@@ -102,6 +109,7 @@ async function runBench(files: string[], opts: BenchOptions): Promise<void> {
     runId,
     gitCommit: gitCommit(),
     device,
+    gpuRepeats: Number(opts.repeats),
     allowNonFinite: opts.allowNonFinite,
     onStep: (label: string) => {
       if (showBar) bar.increment(1, { step: label });
@@ -139,6 +147,7 @@ export function registerBench(program: Command): Command {
       (v: string, acc: string[]) => [...acc, v], [] as string[])
     .addOption(new Option('--device <device>', 'where codecs run').choices(['auto', 'cpu', 'cuda']).default('auto'))
     .option('--results <dir>', 'directory for the JSON-lines records', DEFAULT_RESULTS_DIR)
+    .option('--repeats <n>', 'timed GPU repeats per kernel after 3 warm-ups (the median is reported)', '20')
     .option('--layout <templates>', "tensor naming: 'canonical', 'hf-cache', or 'KEY,VALUE[,QUERY]' templates with {i}")
     .option('--allow-non-finite', 'load tensors with NaN/Inf instead of refusing them (codecs still refuse them)', false)
     .option('--list-codecs', 'list codecs, their parameters and default runs, then exit', false)

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "binding/gpu_ops.h"
 #include "registry.h"
 #ifdef PACKKV_HAVE_CUDA
 #include "common/cuda_probe.h"
@@ -284,6 +285,63 @@ Napi::Value Product(const Napi::CallbackInfo& info, bool keys) {
   return w->promise();
 }
 
+// gpuRun(op: 'decode'|'qk'|'pv', stream, x: Float32Array|null, qHeads, nQueries, repeats, label?)
+Napi::Value GpuRunFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::string label = labelOf(info, 6);
+  std::string opName = info[0].IsString() ? info[0].As<Napi::String>().Utf8Value() : "";
+  binding::GpuOp op = opName == "decode" ? binding::GpuOp::Decode
+                      : opName == "qk"   ? binding::GpuOp::Qk
+                      : opName == "pv"   ? binding::GpuOp::Pv
+                                         : throw Napi::TypeError::New(env, "gpuRun: op must be 'decode', 'qk' or 'pv'");
+  if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+    throw Napi::TypeError::New(env, label + "stream must be a Uint8Array");
+  auto stream = info[1].As<Napi::Uint8Array>();
+  const float* x = nullptr;
+  size_t xLen = 0;
+  if (op != binding::GpuOp::Decode) {
+    if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
+      throw Napi::TypeError::New(env, label + (op == binding::GpuOp::Qk ? "q" : "p") + " must be a Float32Array");
+    x = info[2].As<Napi::Float32Array>().Data();
+    xLen = info[2].As<Napi::Float32Array>().ElementLength();
+  }
+  uint32_t qHeads = op == binding::GpuOp::Decode ? 1 : positiveInt(env, info[3], "qHeads");
+  uint32_t nq = op == binding::GpuOp::Decode ? 1 : positiveInt(env, info[4], "nQueries");
+  int repeats = int(positiveInt(env, info[5], "repeats"));
+  const uint8_t* bytes = stream.Data();
+  size_t n = stream.ByteLength();
+  try {
+    openStream(bytes, n);  // a bad stream fails here, on the main thread, before any GPU work
+  } catch (const std::exception& e) {
+    throw Napi::Error::New(env, label + e.what());
+  }
+  auto run = std::make_shared<binding::GpuRun>();
+  std::vector<Napi::Value> keep = {info[1]};
+  if (x) keep.push_back(info[2]);
+  auto* w = new TaskWorker(
+      env, [=]() { *run = binding::runOnGpu(op, bytes, n, x, xLen, qHeads, nq, repeats); },
+      [=](Napi::Env e) -> Napi::Value {
+        auto o = Napi::Object::New(e);
+        o.Set("result", toFloat32Array(e, std::make_shared<std::vector<float>>(std::move(run->result))));
+        o.Set("medianMs", run->medianMs);
+        o.Set("minMs", run->minMs);
+        o.Set("repeats", run->repeats);
+        o.Set("device", run->device);
+        return o;
+      },
+      keep, label);
+  w->Queue();
+  return w->promise();
+}
+
+Napi::Value GpuCodecs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto list = Napi::Array::New(env);
+  uint32_t i = 0;
+  for (const std::string& name : binding::gpuCodecNames()) list.Set(i++, name);
+  return list;
+}
+
 Napi::Value Qk(const Napi::CallbackInfo& info) { return Product(info, true); }
 Napi::Value Pv(const Napi::CallbackInfo& info) { return Product(info, false); }
 
@@ -310,6 +368,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   PACKKV_EXPORT("streamInfo", StreamInfoFn);
   PACKKV_EXPORT("qk", Qk);
   PACKKV_EXPORT("pv", Pv);
+  PACKKV_EXPORT("gpuRun", GpuRunFn);
+  PACKKV_EXPORT("gpuCodecs", GpuCodecs);
   return exports;
 }
 

@@ -1,0 +1,555 @@
+// KVComp on the GPU: decode (bit-identical to cpu.cpp) and the fused products q·Kᵀ / p·V straight
+// from the Huffman-coded stream, all query heads of a layer in one launch.
+//
+// Work split (both kinds): a block owns one KV head (blockIdx.y) and walks token blocks b =
+// blockIdx.x·spb + slot, ..., spb segments at a time (one slot per segment, one thread per vector
+// of the segment: K a token's head_dim codes, V a channel's v_block codes). Per block, once: the
+// 4096-entry canonical decode table is built in shared memory from the stream's code lengths.
+// Per segment: its bytes are staged into shared memory with coalesced 4-byte loads (byte-swapped
+// to MSB-first words), each vector's first bit is the segment start plus an exclusive scan of the
+// u16 vector bit counts, and each thread walks its vector with one table lookup per code, turns
+// the code into (code + zp) exactly in fp32 (magic-number conversion, no I2F), and multiplies it
+// into every query head of the GQA group (q or p·scale read once from shared memory as a
+// broadcast). The decoded tensor never touches global memory.
+//   q·Kᵀ: score[t] = scale_b · Σ_d q_d (c_td + zp_b), one thread per token; fp16 tail tokens by
+//         extra blocks.
+//   p·V:  out[d] = Σ_t (p_t scale_t)(c_td + zp_t), one thread per channel, fp32 partial sums per
+//         block in the workspace, then a small kernel adds them (and the fp16 tail) in fixed order.
+// encode is not a GPU kernel: it round-trips through the CPU encoder (cpu.cpp), which is what makes
+// its bytes identical; bodyBytes() is an upper bound, since a Huffman body's size depends on data.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/cuda_check.h"
+#include "common/gpu_codec.h"
+#include "common/layout.h"
+#include "kvcomp/cuda_huffman.cuh"
+#include "kvcomp/format.h"
+#include "registry.h"
+
+namespace packkv {
+namespace {
+
+using kvcomp::Geometry;
+namespace kg = kvcomp::gpu;
+
+[[noreturn]] void fail(const std::string& m) { throw CodecError("codec 'kvcomp' on the GPU: " + m); }
+
+extern __shared__ __align__(16) uint8_t kvcSmem[];
+
+constexpr uint32_t kTableBytes = kg::kTableEntries * 2;
+constexpr uint32_t kScratchBytes = 512;  // TableScratch + 32 warp totals
+constexpr uint32_t kMagic = 0x4B000000u;  // float bits of 2^23: (2^23 + c) for integer c < 2^23
+
+/** What one launch needs: geometry, shared-memory plan and grid. */
+struct Args {
+  const uint8_t* body;
+  uint64_t bodyBytes, tailOff;
+  Geometry g;
+  uint32_t T;
+  uint32_t spb, capWords, alphaLimit, nx;
+  uint32_t wOff, stOff;  // byte offsets of the weights and the staging area in shared memory
+  const uint16_t* in;    // q f16 [qHeads][D] or p f16 [qHeads][T] of this query step
+  float* out;            // scores [qHeads][T], p·V out [qHeads][D], or the decoded tensor
+  float* partial;        // p·V: f32 [heads][nx][spb][G][D]
+};
+
+// ---- device pieces ---------------------------------------------------------------------------
+
+__device__ __forceinline__ uint32_t rawWidthD(uint32_t alphabet) {
+  uint32_t w = 1;
+  while (w < 12 && (1u << w) < alphabet) ++w;
+  return w;
+}
+
+/** Per block, once: the stream's layout and its decode table in shared memory. */
+__device__ void prologue(const Args& a, kg::DevLayout& lay, uint32_t& L, uint32_t& w) {
+  lay = kg::layoutFromHeader(a.body, a.g.units, a.g.segments, a.g.vecsPerSeg);
+  L = min(max(lay.maxLength, 1u), 12u);
+  w = rawWidthD(lay.alphabet);
+  const uint32_t A = min(min(lay.alphabet, a.alphaLimit), kg::kMaxAlphabet);
+  uint16_t* table = reinterpret_cast<uint16_t*>(kvcSmem);
+  kg::TableScratch& ts = *reinterpret_cast<kg::TableScratch*>(kvcSmem + kTableBytes);
+  uint8_t* lens = kvcSmem + a.stOff;  // the staging area is free until the first segment
+  uint16_t* sorted = reinterpret_cast<uint16_t*>(kvcSmem + a.stOff + (A + 15) / 16 * 16);
+  const uint32_t tid = threadIdx.x, n = blockDim.x;
+  kg::tableLengths(tid, n, a.body, A, lens);
+  __syncthreads();
+  kg::tableCount(tid, lens, A, ts);
+  __syncthreads();
+  kg::tableOffsets(tid, ts);
+  __syncthreads();
+  kg::tableSort(tid, lens, A, ts, sorted);
+  __syncthreads();
+  kg::tableFill(tid, n, L, ts, sorted, table);
+  __syncthreads();
+}
+
+/** Copies segment `seg` into st (threads v of nv of its slot); returns its first bit in st. */
+__device__ uint32_t stageSegment(const Args& a, const kg::DevLayout& lay, uint32_t seg, uint32_t* st, uint32_t v,
+                                 uint32_t nv, bool& raw) {
+  const uint32_t* segTab = reinterpret_cast<const uint32_t*>(a.body + lay.segOff);
+  const uint32_t e = __ldg(segTab + seg);
+  raw = (e & kvcomp::kRawSegmentFlag) != 0;
+  const uint64_t start = e & ~kvcomp::kRawSegmentFlag;
+  const uint64_t end = seg + 1 < a.g.segments ? (__ldg(segTab + seg + 1) & ~kvcomp::kRawSegmentFlag) : lay.arenaBytes;
+  const uint64_t absStart = lay.arenaOff + start;
+  const uint64_t absEnd = min(max(lay.arenaOff + end, absStart), a.bodyBytes);
+  const uint64_t w0 = absStart >> 2;
+  const uint64_t w1 = (absEnd + 3) / 4, avail = w1 > w0 ? w1 - w0 : 0;
+  const uint32_t n = uint32_t(avail < a.capWords - 4 ? avail : a.capWords - 4);
+  for (uint32_t k = v; k < n + 4; k += nv) {
+    uint32_t val = 0;
+    if (k < n) {
+      const uint64_t byte = (w0 + k) * 4;
+      if (byte + 4 <= a.bodyBytes) {
+        val = __ldg(reinterpret_cast<const uint32_t*>(a.body + byte));
+      } else {
+        for (uint32_t i = 0; i < 4; ++i)
+          if (byte + i < a.bodyBytes) val |= uint32_t(a.body[byte + i]) << (8 * i);
+      }
+    }
+    st[k] = kg::bswap32(val);
+  }
+  return uint32_t(absStart & 3) * 8;
+}
+
+/** Exclusive scan of x over the vecs threads of a slot (vecs = 16 or a multiple of 32). */
+__device__ uint32_t slotScan(uint32_t x, uint32_t vecs, uint32_t* warpTotals) {
+  const uint32_t tid = threadIdx.x, lane = tid & 31, width = vecs < 32 ? vecs : 32;
+  uint32_t inc = x;
+#pragma unroll
+  for (uint32_t o = 1; o < 32; o <<= 1) {
+    const uint32_t y = __shfl_up_sync(0xffffffffu, inc, o, width);
+    if (o < width && (lane % width) >= o) inc += y;
+  }
+  if (vecs <= 32) return inc - x;
+  const uint32_t warp = tid >> 5;
+  if (lane == 31) warpTotals[warp] = inc;
+  __syncthreads();
+  uint32_t add = 0;
+  for (uint32_t k = (tid / vecs) * (vecs / 32); k < warp; ++k) add += warpTotals[k];
+  return inc - x + add;
+}
+
+template <int G>
+__device__ __forceinline__ void loadWeights(const float* p, float (&w)[G]) {
+  if constexpr (G == 1) {
+    w[0] = p[0];
+  } else if constexpr (G == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+#pragma unroll
+    for (int k = 0; k < G; k += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + k);
+      w[k] = v.x, w[k + 1] = v.y, w[k + 2] = v.z, w[k + 3] = v.w;
+    }
+  }
+}
+
+__device__ __forceinline__ float codeValue(uint32_t sym, float bias) {
+  return __fadd_rn(__uint_as_float(kMagic | sym), bias);  // (2^23 + c) + (zp - 2^23) = c + zp, exact
+}
+
+__device__ __forceinline__ float biasOf(int64_t zp) { return __fsub_rn(float(zp), 8388608.f); }
+
+__device__ __forceinline__ float tailAt(const Args& a, uint32_t h, uint32_t t, uint32_t d) {
+  const uint16_t* tail = reinterpret_cast<const uint16_t*>(a.body + a.tailOff);
+  return kg::halfBitsToFloat(__ldg(tail + (size_t(h) * a.g.tailTokens + t) * a.g.dim + d));
+}
+
+// ---- q·Kᵀ ------------------------------------------------------------------------------------
+
+template <int G>
+__global__ void __launch_bounds__(1024) qkKernel(Args a) {
+  const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, T = a.T;
+  float* qs = reinterpret_cast<float*>(kvcSmem + a.wOff);  // [D][G]
+  for (uint32_t idx = tid; idx < D * G; idx += blockDim.x)
+    qs[idx] = kg::halfBitsToFloat(a.in[(size_t(h) * G + idx % G) * D + idx / G]);
+  if (blockIdx.x >= a.nx) {  // fp16 tail tokens, one per thread
+    __syncthreads();
+    const uint32_t t = (blockIdx.x - a.nx) * blockDim.x + tid;
+    if (t >= a.g.tailTokens) return;
+    float acc[G] = {};
+    for (uint32_t d = 0; d < D; ++d) {
+      const float x = tailAt(a, h, t, d);
+      float w[G];
+      loadWeights<G>(qs + d * G, w);
+#pragma unroll
+      for (int j = 0; j < G; ++j) acc[j] = fmaf(w[j], x, acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j) a.out[(size_t(h) * G + j) * T + a.g.codedTokens + t] = acc[j];
+    return;
+  }
+  kg::DevLayout lay;
+  uint32_t L, w;
+  prologue(a, lay, L, w);
+  const uint16_t* table = reinterpret_cast<const uint16_t*>(kvcSmem);
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
+  const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;
+  uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
+  const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
+  for (uint32_t bg = blockIdx.x; bg * a.spb < a.g.blocks; bg += a.nx) {
+    const uint32_t b = bg * a.spb + slot, seg = b * a.g.heads + h;
+    const bool active = b < a.g.blocks;
+    __syncthreads();  // the previous segments are done with the staging area
+    bool raw = false;
+    uint32_t bit = 0, x = 0;
+    if (active) {
+      bit = stageSegment(a, lay, seg, st, v, vecs, raw);
+      x = __ldg(vecBits + size_t(seg) * vecs + v);
+    }
+    bit += slotScan(x, vecs, warpTotals);
+    __syncthreads();
+    if (!active) continue;
+    const float bias = biasOf(kg::zeroPoint(a.body, lay, b)), sc = kg::scaleOf(a.body, lay, b);
+    float acc[G] = {};
+    auto sink = [&](uint32_t i, uint32_t sym) {
+      const float c = codeValue(sym, bias);
+      float wq[G];
+      loadWeights<G>(qs + i * G, wq);
+#pragma unroll
+      for (int j = 0; j < G; ++j) acc[j] = fmaf(wq[j], c, acc[j]);
+    };
+    if (raw) kg::walkVector<true>(st, a.capWords, bit, D, table, L, w, sink);
+    else kg::walkVector<false>(st, a.capWords, bit, D, table, L, w, sink);
+    const uint32_t t = b * a.g.block + v;
+#pragma unroll
+    for (int j = 0; j < G; ++j) a.out[(size_t(h) * G + j) * T + t] = __fmul_rn(sc, acc[j]);
+  }
+}
+
+// ---- p·V -------------------------------------------------------------------------------------
+
+template <int G>
+__global__ void __launch_bounds__(1024) pvKernel(Args a) {
+  const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, B = a.g.block, T = a.T;
+  kg::DevLayout lay;
+  uint32_t L, w;
+  prologue(a, lay, L, w);
+  const uint16_t* table = reinterpret_cast<const uint16_t*>(kvcSmem);
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
+  const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;  // v = channel
+  uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
+  float* ps = reinterpret_cast<float*>(kvcSmem + a.wOff) + size_t(slot) * B * G;     // [B][G]: p·scale
+  float* bias = reinterpret_cast<float*>(kvcSmem + a.wOff) + size_t(a.spb) * B * G + size_t(slot) * B;  // [B]
+  const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
+  float acc[G] = {};
+  for (uint32_t bg = blockIdx.x; bg * a.spb < a.g.blocks; bg += a.nx) {
+    const uint32_t b = bg * a.spb + slot, seg = b * a.g.heads + h;
+    const bool active = b < a.g.blocks;
+    __syncthreads();
+    bool raw = false;
+    uint32_t bit = 0, x = 0;
+    if (active) {
+      bit = stageSegment(a, lay, seg, st, v, vecs, raw);
+      x = __ldg(vecBits + size_t(seg) * vecs + v);
+      for (uint32_t idx = v; idx < B * G; idx += vecs) {
+        const uint32_t i = idx / G, j = idx % G, t = b * B + i;
+        ps[idx] = __fmul_rn(kg::halfBitsToFloat(__ldg(a.in + (size_t(h) * G + j) * T + t)), kg::scaleOf(a.body, lay, t));
+      }
+      for (uint32_t i = v; i < B; i += vecs) bias[i] = biasOf(kg::zeroPoint(a.body, lay, b * B + i));
+    }
+    bit += slotScan(x, vecs, warpTotals);
+    __syncthreads();
+    if (!active) continue;
+    auto sink = [&](uint32_t i, uint32_t sym) {
+      const float c = codeValue(sym, bias[i]);
+      float wp[G];
+      loadWeights<G>(ps + i * G, wp);
+#pragma unroll
+      for (int j = 0; j < G; ++j) acc[j] = fmaf(wp[j], c, acc[j]);
+    };
+    if (raw) kg::walkVector<true>(st, a.capWords, bit, B, table, L, w, sink);
+    else kg::walkVector<false>(st, a.capWords, bit, B, table, L, w, sink);
+  }
+#pragma unroll
+  for (int j = 0; j < G; ++j)
+    a.partial[((size_t(h) * a.nx + blockIdx.x) * a.spb + slot) * G * D + size_t(j) * D + v] = acc[j];
+}
+
+/** out[h·G+j][d] = Σ partials (fixed order) + Σ_tail p_t·x_td; zeroes the partials it read. */
+template <int G>
+__global__ void pvReduceKernel(Args a) {
+  const uint32_t h = blockIdx.x, d = threadIdx.x, D = a.g.dim;
+  if (d >= D) return;
+  const uint32_t parts = a.nx * a.spb;
+  for (int j = 0; j < G; ++j) {
+    float sum = 0.f;
+    for (uint32_t k = 0; k < parts; ++k) {
+      float* pp = a.partial + ((size_t(h) * parts + k) * G + j) * D + d;
+      sum += *pp;
+      *pp = 0.f;
+    }
+    const uint16_t* pr = a.in + (size_t(h) * G + j) * a.T + a.g.codedTokens;
+    for (uint32_t t = 0; t < a.g.tailTokens; ++t) sum = fmaf(kg::halfBitsToFloat(__ldg(pr + t)), tailAt(a, h, t, d), sum);
+    a.out[(size_t(h) * G + j) * D + d] = sum;
+  }
+}
+
+// ---- decode ----------------------------------------------------------------------------------
+
+template <bool KEY>
+__global__ void __launch_bounds__(1024) decodeKernel(Args a) {
+  const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, B = a.g.block, T = a.T;
+  kg::DevLayout lay;
+  uint32_t L, w;
+  prologue(a, lay, L, w);
+  const uint16_t* table = reinterpret_cast<const uint16_t*>(kvcSmem);
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
+  const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;
+  uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
+  const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
+  for (uint32_t bg = blockIdx.x; bg * a.spb < a.g.blocks; bg += a.nx) {
+    const uint32_t b = bg * a.spb + slot, seg = b * a.g.heads + h;
+    const bool active = b < a.g.blocks;
+    __syncthreads();
+    bool raw = false;
+    uint32_t bit = 0, x = 0;
+    if (active) {
+      bit = stageSegment(a, lay, seg, st, v, vecs, raw);
+      x = __ldg(vecBits + size_t(seg) * vecs + v);
+    }
+    bit += slotScan(x, vecs, warpTotals);
+    __syncthreads();
+    if (!active) continue;
+    if (KEY) {
+      const int64_t zp = kg::zeroPoint(a.body, lay, b);
+      const float sc = kg::scaleOf(a.body, lay, b);
+      float* row = a.out + (size_t(h) * T + b * B + v) * D;
+      auto sink = [&](uint32_t i, uint32_t sym) { row[i] = kg::dequantExact(sym, zp, sc); };
+      if (raw) kg::walkVector<true>(st, a.capWords, bit, D, table, L, w, sink);
+      else kg::walkVector<false>(st, a.capWords, bit, D, table, L, w, sink);
+    } else {
+      float* col = a.out + (size_t(h) * T + b * B) * D + v;
+      auto sink = [&](uint32_t i, uint32_t sym) {
+        const uint32_t t = b * B + i;
+        col[size_t(i) * D] = kg::dequantExact(sym, kg::zeroPoint(a.body, lay, t), kg::scaleOf(a.body, lay, t));
+      };
+      if (raw) kg::walkVector<true>(st, a.capWords, bit, B, table, L, w, sink);
+      else kg::walkVector<false>(st, a.capWords, bit, B, table, L, w, sink);
+    }
+  }
+}
+
+__global__ void decodeTailKernel(Args a) {
+  const size_t n = size_t(a.g.heads) * a.g.tailTokens * a.g.dim;
+  for (size_t idx = blockIdx.x * size_t(blockDim.x) + threadIdx.x; idx < n; idx += size_t(gridDim.x) * blockDim.x) {
+    const size_t h = idx / (size_t(a.g.tailTokens) * a.g.dim), rest = idx % (size_t(a.g.tailTokens) * a.g.dim);
+    const uint16_t* tail = reinterpret_cast<const uint16_t*>(a.body + a.tailOff);
+    a.out[(h * a.T + a.g.codedTokens) * a.g.dim + rest] = kg::halfBitsToFloat(tail[idx]);
+  }
+}
+
+// ---- host side -------------------------------------------------------------------------------
+
+Geometry geometryFor(const Params& p, TensorKind kind, const Shape& s) {
+  const char* k = kind == TensorKind::Key ? "k_" : "v_";
+  return kvcomp::geometryOf(s, kind, uint32_t(p.integer(std::string(k) + "block")),
+                            uint32_t(p.integer(std::string(k) + "recent")));
+}
+
+double relOf(const Params& p, TensorKind kind) { return p.real(kind == TensorKind::Key ? "k_rel" : "v_rel"); }
+
+uint32_t groupIndex(uint32_t group) {
+  if (group != 1 && group != 2 && group != 4 && group != 8)
+    fail(std::to_string(group) + " query heads per KV head is not supported (1, 2, 4 or 8)");
+  return group == 1 ? 0 : group == 2 ? 1 : group == 4 ? 2 : 3;
+}
+
+/** The launch plan of a stream: shared memory, slots, grid; `group` query heads per KV head. */
+Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice = true) {
+  const Shape& sh = s.header.shape;
+  const TensorKind kind = s.header.kind;
+  Args a{};
+  a.body = s.body;
+  a.bodyBytes = s.bodyBytes;
+  a.g = geometryFor(s.params, kind, sh);
+  a.T = sh.tokens;
+  const uint64_t tailBytes = 2ull * sh.heads * a.g.tailTokens * sh.dim;
+  if (s.bodyBytes < tailBytes + kvcomp::kBodyHeaderBytes) requireBodyBytes(s, tailBytes + kvcomp::kBodyHeaderBytes);
+  a.tailOff = s.bodyBytes - tailBytes;
+  if (onDevice && reinterpret_cast<uintptr_t>(s.body) % 16 != 0) fail("the stream body must be 16-byte aligned in device memory");
+  const uint32_t vecs = a.g.vecsPerSeg;
+  if (a.g.segments > 0 && vecs != 16 && (vecs % 32 != 0 || vecs > 1024))
+    fail("vectors per segment = " + std::string(kind == TensorKind::Key ? "k_block" : "head_dim") + " = " +
+         std::to_string(vecs) + " must be 16 or a multiple of 32, at most 1024");
+  a.spb = std::max<uint32_t>(1, 256 / std::max<uint32_t>(vecs, 1));
+  // Staged bytes per segment: a segment is Huffman only when smaller than raw codes at
+  // ceil(log2 A) bits, A = floor(1/rel) + 2 (cpu.cpp's alphabet); one bit of margin.
+  const uint32_t alphaMin = uint32_t(std::floor(1.0 / relOf(s.params, kind))) + 2;
+  const uint32_t width = std::min<uint32_t>(12, kvcomp::rawWidth(alphaMin) + 1);
+  const uint64_t perSeg = uint64_t(a.g.vecsPerSeg) * a.g.symsPerVec;
+  a.capWords = uint32_t((perSeg * width + 7) / 8 / 4 + 1 + 4 + 1);
+  const uint32_t alphaNeed = std::min<uint32_t>(kg::kMaxAlphabet, 2 * alphaMin + 16);
+  uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4, 3ull * alphaNeed + 32);
+  stageBytes = (stageBytes + 15) / 16 * 16;
+  a.alphaLimit = uint32_t((stageBytes - 16) / 3);
+  uint64_t weights = 0;
+  if (forProducts)
+    weights = kind == TensorKind::Key ? uint64_t(sh.dim) * group * 4 : uint64_t(a.spb) * a.g.block * (group + 1) * 4;
+  a.wOff = kTableBytes + kScratchBytes;
+  a.stOff = uint32_t(a.wOff + (weights + 15) / 16 * 16);
+  return a;
+}
+
+size_t smemOf(const Args& a) {
+  uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4, 3ull * a.alphaLimit + 16);
+  return size_t(a.stOff + (stageBytes + 15) / 16 * 16);
+}
+
+/** Blocks per KV head: about one resident wave over all heads, never more than token-block groups. */
+uint32_t blocksPerHead(const Args& a, size_t smem) {
+  const uint32_t threads = a.spb * a.g.vecsPerSeg;
+  const uint32_t perSm = std::max<uint32_t>(
+      1, std::min<uint32_t>({2048 / std::max<uint32_t>(threads, 32), 32, uint32_t((227 * 1024) / (smem + 1024))}));
+  const uint32_t groups = (a.g.blocks + a.spb - 1) / a.spb;
+  const uint32_t want = std::max<uint32_t>(1, uint32_t(gpu::multiprocessors()) * perSm / std::max<uint32_t>(a.g.heads, 1));
+  return std::max<uint32_t>(1, std::min(groups, want));
+}
+
+template <typename Kernel>
+void prepareSmem(Kernel kernel, size_t smem) {
+  if (smem > 227 * 1024) fail("a segment needs " + std::to_string(smem) + " bytes of shared memory (at most 227 KiB)");
+  if (smem > 48 * 1024) PACKKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+}
+
+// ---- the GpuCodecDef entries -----------------------------------------------------------------
+
+uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
+  // Data-dependent: the bound of a body whose every segment is raw at 12 bits, 4-byte zero
+  // points and a 4096-symbol codebook. The CPU encoder's body is never larger.
+  Geometry g = geometryFor(p, kind, s);
+  const uint64_t perSeg = uint64_t(g.vecsPerSeg) * g.symsPerVec;
+  return kvcomp::layoutOf(g, kg::kMaxAlphabet, 4, 12, uint64_t(g.segments) * ((perSeg * 12 + 7) / 8)).total;
+}
+
+size_t workspaceBytes(const StreamView& s, uint32_t qHeads) {
+  const Shape& sh = s.header.shape;
+  size_t bytes = 256;
+  if (s.header.kind == TensorKind::Value && sh.heads > 0 && qHeads % sh.heads == 0) {
+    const uint32_t group = qHeads / sh.heads;
+    Args a = plan(s, group, true, false);
+    const uint32_t nx = a.g.blocks ? blocksPerHead(a, smemOf(a)) : 1;
+    bytes += size_t(sh.heads) * nx * a.spb * group * sh.dim * sizeof(float);
+  }
+  return bytes;
+}
+
+Breakdown encode(const float* x, const Shape& s, TensorKind kind, const Params& p, uint8_t* body, const gpu::Launch& l) {
+  const CodecDef& cpu = findCodec("kvcomp");
+  cpu.check(p, kind, s);
+  std::vector<float> hx(s.elements());
+  PACKKV_CUDA_CHECK(cudaMemcpyAsync(hx.data(), x, hx.size() * sizeof(float), cudaMemcpyDeviceToHost, l.stream));
+  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
+  for (float v : hx)
+    if (!std::isfinite(v)) throw CodecError("codec 'kvcomp': non-finite values (NaN/Inf) cannot be compressed");
+  EncodedBody e = cpu.encode(hx.data(), s, kind, p);
+  PACKKV_CUDA_CHECK(cudaMemcpyAsync(body, e.bytes.data(), e.bytes.size(), cudaMemcpyHostToDevice, l.stream));
+  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
+  return e.breakdown;
+}
+
+void decode(const StreamView& s, float* out, const gpu::Launch& l) {
+  Args a = plan(s, 1, false);
+  a.out = out;
+  if (a.g.segments > 0) {
+    const size_t smem = smemOf(a);
+    a.nx = blocksPerHead(a, smem);
+    dim3 grid(a.nx, a.g.heads);
+    if (s.header.kind == TensorKind::Key) {
+      prepareSmem(decodeKernel<true>, smem);
+      decodeKernel<true><<<grid, a.spb * a.g.vecsPerSeg, smem, l.stream>>>(a);
+    } else {
+      prepareSmem(decodeKernel<false>, smem);
+      decodeKernel<false><<<grid, a.spb * a.g.vecsPerSeg, smem, l.stream>>>(a);
+    }
+    PACKKV_LAUNCH_CHECK();
+  }
+  const size_t n = size_t(a.g.heads) * a.g.tailTokens * a.g.dim;
+  if (n > 0) {
+    const unsigned grid = unsigned(std::min<size_t>((n + 255) / 256, size_t(gpu::multiprocessors()) * 16));
+    decodeTailKernel<<<grid, 256, 0, l.stream>>>(a);
+    PACKKV_LAUNCH_CHECK();
+  }
+}
+
+template <int G>
+void launchQk(Args a, cudaStream_t st) {
+  const size_t smem = smemOf(a);
+  a.nx = a.g.segments ? blocksPerHead(a, smem) : 0;
+  const uint32_t threads = std::max<uint32_t>(32, a.spb * a.g.vecsPerSeg);
+  const uint32_t tailBlocks = (a.g.tailTokens + threads - 1) / threads;
+  dim3 grid(a.nx + tailBlocks, a.g.heads);
+  if (grid.x == 0 || grid.y == 0) return;
+  prepareSmem(qkKernel<G>, smem);
+  qkKernel<G><<<grid, threads, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+
+template <int G>
+void launchPv(Args a, cudaStream_t st) {
+  if (a.g.segments > 0) {
+    const size_t smem = smemOf(a);
+    a.nx = blocksPerHead(a, smem);
+    prepareSmem(pvKernel<G>, smem);
+    pvKernel<G><<<dim3(a.nx, a.g.heads), a.spb * a.g.vecsPerSeg, smem, st>>>(a);
+    PACKKV_LAUNCH_CHECK();
+  } else {
+    a.nx = 0;
+  }
+  if (a.g.heads == 0) return;
+  pvReduceKernel<G><<<a.g.heads, (a.g.dim + 31) / 32 * 32, 0, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+
+void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, float* scores, const gpu::Launch& l) {
+  const Shape& sh = s.header.shape;
+  const uint32_t group = qHeads / sh.heads;
+  const uint32_t gi = groupIndex(group);
+  if (sh.dim > 1024) fail("head_dim=" + std::to_string(sh.dim) + " is above 1024");
+  Args a = plan(s, group, true);
+  for (uint32_t n = 0; n < nq; ++n) {
+    a.in = q + size_t(n) * qHeads * sh.dim;
+    a.out = scores + size_t(n) * qHeads * sh.tokens;
+    switch (gi) {
+      case 0: launchQk<1>(a, l.stream); break;
+      case 1: launchQk<2>(a, l.stream); break;
+      case 2: launchQk<4>(a, l.stream); break;
+      default: launchQk<8>(a, l.stream); break;
+    }
+  }
+}
+
+void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, float* out, const gpu::Launch& l) {
+  const Shape& sh = s.header.shape;
+  const uint32_t group = qHeads / sh.heads;
+  const uint32_t gi = groupIndex(group);
+  if (sh.dim > 1024) fail("head_dim=" + std::to_string(sh.dim) + " is above 1024");
+  const size_t need = workspaceBytes(s, qHeads);
+  if (!l.workspace || l.workspaceBytes < need)
+    fail("p·V needs " + std::to_string(need) + " bytes of workspace, got " + std::to_string(l.workspaceBytes));
+  Args a = plan(s, group, true);
+  a.partial = reinterpret_cast<float*>(static_cast<uint8_t*>(l.workspace) + 256);
+  for (uint32_t n = 0; n < nq; ++n) {
+    a.in = p + size_t(n) * qHeads * sh.tokens;
+    a.out = out + size_t(n) * qHeads * sh.dim;
+    switch (gi) {
+      case 0: launchPv<1>(a, l.stream); break;
+      case 1: launchPv<2>(a, l.stream); break;
+      case 2: launchPv<4>(a, l.stream); break;
+      default: launchPv<8>(a, l.stream); break;
+    }
+  }
+}
+
+}  // namespace
+
+const gpu::GpuCodecDef kKvcompGpuCodec = {"kvcomp", bodyBytes, workspaceBytes, encode, decode, qk, pv};
+static const gpu::GpuCodecRegistrar registrar(kKvcompGpuCodec);
+
+}  // namespace packkv

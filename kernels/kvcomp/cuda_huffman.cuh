@@ -1,0 +1,191 @@
+// KVComp on the GPU, the per-thread pieces: the body layout read from the stream's 8-byte header,
+// the canonical Huffman decode table built cooperatively from the 4-bit code lengths, and the
+// bit reader that walks one vector (one thread per vector) out of a segment staged in shared
+// memory. Everything here is __host__ __device__ and free of warp intrinsics, so a host program
+// can run the same code (block phases as loops over thread ids) against cpu.cpp.
+#pragma once
+#include <cstdint>
+
+#ifdef __CUDACC__
+#include <cuda_fp16.h>
+#endif
+
+#ifdef __CUDACC__
+#define KVC_HD __host__ __device__ __forceinline__
+#else
+#define KVC_HD inline
+#endif
+
+namespace packkv::kvcomp::gpu {
+
+constexpr uint32_t kTableEntries = 4096;  // 2^kMaxCodeLength u16 entries: symbol << 4 | length
+constexpr uint32_t kMaxAlphabet = 4096;
+
+KVC_HD uint64_t alignUpD(uint64_t off, uint64_t to) { return (off + to - 1) / to * to; }
+
+KVC_HD uint32_t bswap32(uint32_t x) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, 0, 0x0123);
+#else
+  return __builtin_bswap32(x);
+#endif
+}
+
+/** Rounded-once fp32 of (code + zp) * scale: what cpu.cpp's dequant computes in double. */
+KVC_HD float dequantExact(uint32_t code, int64_t zp, float scale) {
+#ifdef __CUDA_ARCH__
+  return __double2float_rn(__dmul_rn(double(int64_t(code) + zp), double(scale)));
+#else
+  return float(double(int64_t(code) + zp) * double(scale));
+#endif
+}
+
+/** The data-dependent half of format.h's Layout, from the body's 8-byte header. */
+struct DevLayout {
+  uint32_t alphabet, zpBytes, maxLength, arenaBytes;
+  uint64_t lengthsOff, scaleOff, zpOff, segOff, vecOff, arenaOff;
+};
+
+KVC_HD DevLayout layoutFromHeader(const uint8_t* body, uint32_t units, uint32_t segments, uint32_t vecsPerSeg) {
+  DevLayout l;
+  l.alphabet = uint32_t(body[0]) | uint32_t(body[1]) << 8;
+  l.zpBytes = body[2];
+  l.maxLength = body[3];
+  l.arenaBytes = uint32_t(body[4]) | uint32_t(body[5]) << 8 | uint32_t(body[6]) << 16 | uint32_t(body[7]) << 24;
+  if (l.zpBytes != 1 && l.zpBytes != 2 && l.zpBytes != 4) l.zpBytes = 1;  // corrupt: cpu.cpp rejects it
+  l.lengthsOff = 8;
+  l.scaleOff = alignUpD(l.lengthsOff + (l.alphabet + 1) / 2, 2);
+  l.zpOff = alignUpD(l.scaleOff + 2ull * units, l.zpBytes);
+  l.segOff = alignUpD(l.zpOff + uint64_t(l.zpBytes) * units, 4);
+  l.vecOff = l.segOff + 4ull * segments;
+  l.arenaOff = l.vecOff + 2ull * segments * vecsPerSeg;
+  return l;
+}
+
+KVC_HD float halfBitsToFloat(uint16_t h) {
+#ifdef __CUDA_ARCH__
+  return __half2float(__ushort_as_half(h));
+#else
+  uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+  if (exp == 0) {
+    float f = float(man) * (1.0f / 16777216.0f);
+    return sign ? -f : f;
+  }
+  bits = exp == 31 ? (sign | 0x7F800000u | (man << 13)) : (sign | ((exp + 112) << 23) | (man << 13));
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+#endif
+}
+
+KVC_HD int64_t zeroPoint(const uint8_t* body, const DevLayout& l, uint32_t u) {
+  const uint8_t* p = body + l.zpOff + uint64_t(l.zpBytes) * u;
+  if (l.zpBytes == 1) return int8_t(p[0]);
+  if (l.zpBytes == 2) return int16_t(*reinterpret_cast<const uint16_t*>(p));
+  return int32_t(*reinterpret_cast<const uint32_t*>(p));
+}
+
+KVC_HD float scaleOf(const uint8_t* body, const DevLayout& l, uint32_t u) {
+  return halfBitsToFloat(*reinterpret_cast<const uint16_t*>(body + l.scaleOff + 2ull * u));
+}
+
+// ---- the decode table, in five block phases (a __syncthreads() between phases) ----------------
+// Canonical codes (huffman.h canonicalCodes): lengths ascending, then symbol; first[l] is the first
+// code of length l, codes of length l are first[l] .. first[l] + count[l] - 1.
+
+struct TableScratch {
+  uint32_t count[16], offset[16], first[16];
+};
+
+/** Phase 1, threads over symbols: the 4-bit lengths. */
+KVC_HD void tableLengths(uint32_t tid, uint32_t threads, const uint8_t* body, uint32_t alphabet, uint8_t* lens) {
+  for (uint32_t s = tid; s < alphabet; s += threads) lens[s] = (body[8 + s / 2] >> (4 * (s & 1))) & 15;
+}
+/** Phase 2, thread l in 1..12 counts the codes of length l. */
+KVC_HD void tableCount(uint32_t tid, const uint8_t* lens, uint32_t alphabet, TableScratch& ts) {
+  if (tid >= 1 && tid <= 12) {
+    uint32_t c = 0;
+    for (uint32_t s = 0; s < alphabet; ++s) c += lens[s] == tid;
+    ts.count[tid] = c;
+  }
+}
+/** Phase 3, thread 0: offsets into the sorted symbol list and first codes per length. */
+KVC_HD void tableOffsets(uint32_t tid, TableScratch& ts) {
+  if (tid != 0) return;
+  uint32_t off = 0, next = 0;
+  for (uint32_t l = 1; l <= 12; ++l) {
+    ts.offset[l] = off;
+    ts.first[l] = next;
+    off += ts.count[l];
+    next = (next + ts.count[l]) << 1;
+  }
+}
+/** Phase 4, thread l in 1..12 lists its symbols in symbol order. */
+KVC_HD void tableSort(uint32_t tid, const uint8_t* lens, uint32_t alphabet, const TableScratch& ts, uint16_t* sorted) {
+  if (tid >= 1 && tid <= 12) {
+    uint32_t at = ts.offset[tid];
+    for (uint32_t s = 0; s < alphabet; ++s)
+      if (lens[s] == tid) sorted[at++] = uint16_t(s);
+  }
+}
+/** Phase 5, threads over the 2^L entries: the codeword that prefixes each L-bit window. */
+KVC_HD void tableFill(uint32_t tid, uint32_t threads, uint32_t L, const TableScratch& ts, const uint16_t* sorted,
+                      uint16_t* table) {
+  for (uint32_t e = tid; e < (1u << L); e += threads) {
+    uint16_t entry = 0;  // only an incomplete (corrupt) codebook leaves entries undefined
+    for (uint32_t l = 1; l <= L; ++l) {
+      const uint32_t prefix = e >> (L - l), k = prefix - ts.first[l];
+      if (prefix >= ts.first[l] && k < ts.count[l]) {
+        entry = uint16_t((uint32_t(sorted[ts.offset[l] + k]) << 4) | l);
+        break;
+      }
+    }
+    table[e] = entry;
+  }
+}
+
+// ---- one vector ----------------------------------------------------------------------------------
+
+/**
+ * Walks the n codes of one vector whose first bit is bit p of the staged words `st` (MSB-first
+ * u32 words, big-endian order already applied). A 64-bit register holds the next 32..64 bits;
+ * one table lookup per code (or a w-bit field in a raw segment), one word refill per 32 bits.
+ * sink(i, symbol) receives each code. Reads stay below capWords (garbage in, no fault out).
+ */
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <bool RAW, typename Sink>
+KVC_HD void walkVector(const uint32_t* st, uint32_t capWords, uint32_t p, uint32_t n, const uint16_t* table,
+                       uint32_t L, uint32_t w, Sink&& sink) {
+  uint32_t i0 = p >> 5;
+  if (i0 > capWords - 2) i0 = capWords - 2;
+  const uint32_t sh = p & 31;
+  uint64_t buf = ((uint64_t(st[i0]) << 32) | st[i0 + 1]) << sh;
+  uint32_t nb = 64 - sh, nx = i0 + 2;
+#ifdef __CUDA_ARCH__
+#pragma unroll 4
+#endif
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint32_t hi = uint32_t(buf >> 32);
+    uint32_t sym, len;
+    if (RAW) {
+      sym = hi >> (32 - w);
+      len = w;
+    } else {
+      const uint32_t e = table[hi >> (32 - L)];
+      sym = e >> 4;
+      len = e & 15;
+    }
+    buf <<= len;
+    nb -= len;
+    if (nb < 32) {
+      buf |= uint64_t(st[nx < capWords ? nx : capWords - 1]) << (32 - nb);
+      ++nx;
+      nb += 32;
+    }
+    sink(i, sym);
+  }
+}
+
+}  // namespace packkv::kvcomp::gpu

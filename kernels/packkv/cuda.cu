@@ -1,0 +1,225 @@
+// PackKV on the GPU: decode (bit-identical to cpu.cpp) and the fused products q·Kᵀ / p·V over the
+// packed stream (packkv/cuda_kernels.cuh), dispatched from one table over pack size x GQA group.
+// Encode runs the CPU encoder through host memory (no encode kernels; see docs/kernels.md).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/cuda_check.h"
+#include "common/gpu_codec.h"
+#include "common/layout.h"
+#include "packkv/cuda_kernels.cuh"
+#include "packkv/format.h"
+#include "registry.h"
+
+namespace packkv {
+namespace {
+
+using namespace packkv_codec;
+using packkv_gpu::Args;
+using packkv_gpu::kWarps;
+
+[[noreturn]] void gpuFail(const std::string& m) { throw CodecError("codec 'packkv' on the GPU: " + m); }
+
+Config configOf(const Params& p, TensorKind kind) {  // as cpu.cpp's
+  const std::string& repack = p.text("repack");
+  return Config{p.real(kind == TensorKind::Key ? "k_rel" : "v_rel"), uint32_t(p.integer("block")),
+                uint32_t(p.integer("buffer")), uint32_t(p.integer("pack")),
+                repack == "none" ? Repack::None : repack == "greedy" ? Repack::Greedy : Repack::Median,
+                p.text("zp") == "hp"};
+}
+
+int packIndex(uint32_t pack) {
+  if (pack == 8) return 0;
+  if (pack == 16) return 1;
+  if (pack == 32) return 2;
+  gpuFail("pack=" + std::to_string(pack) + " is not supported (8, 16 or 32)");
+}
+int groupIndex(uint32_t group) {
+  if (group == 1) return 0;
+  if (group == 2) return 1;
+  if (group == 4) return 2;
+  if (group == 8) return 3;
+  gpuFail(std::to_string(group) + " query heads per KV head is not supported (1, 2, 4 or 8)");
+}
+
+/** The stream's sections as kernel arguments; checks what the kernels assume. */
+Args argsOf(const StreamView& s, Layout* layoutOut = nullptr, Config* configOut = nullptr) {
+  const Shape& sh = s.header.shape;
+  const Config c = configOf(s.params, s.header.kind);
+  const Layout l = layoutOf(sh, c);
+  if (s.bodyBytes < l.fixedBytes() || (l.blocks == 0 && s.bodyBytes != l.fixedBytes()))
+    requireBodyBytes(s, l.fixedBytes());  // throws: the body cannot hold its fixed sections
+  if (sh.dim % 32 != 0 || sh.dim > 256) gpuFail("head_dim=" + std::to_string(sh.dim) + " must be a multiple of 32, at most 256");
+  if (reinterpret_cast<uintptr_t>(s.body) % 4 != 0) gpuFail("the stream body must be 4-byte aligned in device memory");
+  packIndex(c.pack);
+  const uint64_t segmentBytes = s.bodyBytes - l.fixedBytes();
+  Args a{};
+  a.scale = s.body + l.scaleOff;
+  a.zero = s.body + l.zeroOff;
+  a.offsets = reinterpret_cast<const uint32_t*>(s.body + l.offsetOff);
+  a.segments = s.body + l.segmentsOff;
+  a.perm = a.segments + segmentBytes;
+  a.buffer = a.perm + l.permBytes;
+  a.endWords = reinterpret_cast<const uint32_t*>(s.body) + s.bodyBytes / 4;
+  a.H = int(sh.heads), a.T = int(sh.tokens), a.D = int(sh.dim), a.B = int(c.block), a.P = int(c.pack);
+  a.nb = int(l.blocks), a.Tc = int(l.compressedTokens), a.Tr = int(l.bufferTokens);
+  a.G = int(l.packsPerChannel), a.GD = int(l.packsPerSegment);
+  a.pb = int(l.permBits), a.permBlockBytes = int(l.permBlockBytes);
+  a.hp = c.hpZero;
+  if (layoutOut) *layoutOut = l;
+  if (configOut) *configOut = c;
+  return a;
+}
+
+// ---- the dispatch table: pack size x GQA group size ----------------------------------------------
+
+struct Launchers {
+  void (*qk)(const Args&, dim3, size_t smem, cudaStream_t);
+  void (*pv)(const Args&, dim3, size_t smem, cudaStream_t);
+  void (*decode)(const Args&, unsigned grid, cudaStream_t);
+};
+
+template <int P, int NR>
+void launchQk(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  packkv_gpu::qkKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+template <int P, int NR>
+void launchPv(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  packkv_gpu::pvKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+template <int P>
+void launchDecode(const Args& a, unsigned grid, cudaStream_t st) {
+  packkv_gpu::decodeKernel<P><<<grid, kWarps * 32, 0, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+
+template <int P, int NR>
+constexpr Launchers row() {
+  return {launchQk<P, NR>, launchPv<P, NR>, launchDecode<P>};
+}
+
+// [pack 8, 16, 32][query heads per KV head 1, 2, 4, 8]
+const Launchers kTable[3][4] = {
+    {row<8, 1>(), row<8, 2>(), row<8, 4>(), row<8, 8>()},
+    {row<16, 1>(), row<16, 2>(), row<16, 4>(), row<16, 8>()},
+    {row<32, 1>(), row<32, 2>(), row<32, 4>(), row<32, 8>()},
+};
+
+// ---- the GpuCodecDef entries ---------------------------------------------------------------------
+
+/** The body is data dependent (pack widths): an upper bound, every pack at 8 bits and mins at 8
+ *  bits (codes stay below 1/rel + 2 ≤ 252 for the valid rel > 0.004). */
+uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
+  const Config c = configOf(p, kind);
+  const Layout l = layoutOf(s, c);
+  const uint64_t segment = segmentHeadBytes(l.packsPerSegment, 8) + uint64_t(l.packsPerSegment) * c.pack;
+  return l.fixedBytes() + uint64_t(l.blocks) * s.heads * segment;
+}
+
+/** p·V blocks per KV head: about four blocks per multiprocessor over all heads. */
+int pvSplits(const Args& a) {
+  const int items = a.nb * a.G + a.Tr;
+  const int want = std::max(1, (4 * gpu::multiprocessors() + a.H - 1) / a.H);
+  return std::max(1, std::min(want, (items + kWarps - 1) / kWarps));
+}
+
+constexpr size_t kCounterBytes = 256;
+
+size_t workspaceBytes(const StreamView& s, uint32_t qHeads) {
+  if (s.header.kind != TensorKind::Value) return 0;
+  const Shape& sh = s.header.shape;
+  const Config c = configOf(s.params, s.header.kind);
+  const Layout l = layoutOf(sh, c);
+  Args a{};
+  a.H = int(sh.heads), a.nb = int(l.blocks), a.G = int(l.packsPerChannel), a.Tr = int(l.bufferTokens);
+  const size_t counters = (sh.heads * sizeof(unsigned) + kCounterBytes - 1) / kCounterBytes * kCounterBytes;
+  return counters + size_t(sh.heads) * pvSplits(a) * qHeads / sh.heads * sh.dim * sizeof(float);
+}
+
+/** No encode kernels: x is copied to the host, encoded by the CPU reference, and the body copied
+ *  back (bit-identical by construction; synchronizes). */
+Breakdown encode(const float* x, const Shape& s, TensorKind kind, const Params& p, uint8_t* body, const gpu::Launch& l) {
+  std::vector<float> host(s.elements());
+  if (!host.empty())
+    PACKKV_CUDA_CHECK(cudaMemcpyAsync(host.data(), x, host.size() * sizeof(float), cudaMemcpyDeviceToHost, l.stream));
+  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
+  for (float v : host)
+    if (!std::isfinite(v)) throw CodecError("codec 'packkv': non-finite values (NaN/Inf) cannot be compressed");
+  const CodecDef& cpu = findCodec("packkv");
+  cpu.check(p, kind, s);
+  EncodedBody e = cpu.encode(host.data(), s, kind, p);
+  if (!e.bytes.empty())
+    PACKKV_CUDA_CHECK(cudaMemcpyAsync(body, e.bytes.data(), e.bytes.size(), cudaMemcpyHostToDevice, l.stream));
+  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
+  return e.breakdown;
+}
+
+void decode(const StreamView& s, float* out, const gpu::Launch& l) {
+  Config c;
+  Args a = argsOf(s, nullptr, &c);
+  a.out = out;
+  const Launchers& fn = kTable[packIndex(c.pack)][0];
+  const size_t items = size_t(a.H) * a.nb * a.G;
+  const int sms = gpu::multiprocessors();
+  if (items > 0) fn.decode(a, unsigned(std::min<size_t>((items + kWarps - 1) / kWarps, size_t(sms) * 16)), l.stream);
+  const size_t rest = size_t(a.H) * a.Tr * a.D;
+  if (rest > 0) {
+    packkv_gpu::decodeBufferKernel<<<unsigned(std::min<size_t>((rest + 255) / 256, size_t(sms) * 16)), 256, 0,
+                                     l.stream>>>(a);
+    PACKKV_LAUNCH_CHECK();
+  }
+}
+
+void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, float* scores, const gpu::Launch& l) {
+  Config c;
+  Args a = argsOf(s, nullptr, &c);
+  const uint32_t group = qHeads / uint32_t(a.H);
+  const Launchers& fn = kTable[packIndex(c.pack)][groupIndex(group)];
+  const int items = a.nb * a.G + a.Tr;
+  if (items == 0) return;
+  const int perBlock = kWarps * 4;  // 8-lane groups per block
+  const int cap = std::max(1, 8 * gpu::multiprocessors() / a.H);
+  const dim3 grid(unsigned(std::min((items + perBlock - 1) / perBlock, cap)), unsigned(a.H));
+  const size_t smem = (size_t(group) * a.D + group) * sizeof(float);
+  for (uint32_t n = 0; n < nq; ++n) {
+    a.in = q + size_t(n) * qHeads * a.D;
+    a.out = scores + size_t(n) * qHeads * a.T;
+    fn.qk(a, grid, smem, l.stream);
+  }
+}
+
+void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, float* out, const gpu::Launch& l) {
+  Config c;
+  Args a = argsOf(s, nullptr, &c);
+  const uint32_t group = qHeads / uint32_t(a.H);
+  const Launchers& fn = kTable[packIndex(c.pack)][groupIndex(group)];
+  if (a.nb * a.G + a.Tr == 0) {  // no tokens: the sums are empty
+    PACKKV_CUDA_CHECK(cudaMemsetAsync(out, 0, size_t(nq) * qHeads * a.D * sizeof(float), l.stream));
+    return;
+  }
+  const size_t need = workspaceBytes(s, qHeads);
+  if (!l.workspace || l.workspaceBytes < need)
+    gpuFail("p·V needs " + std::to_string(need) + " bytes of workspace, got " + std::to_string(l.workspaceBytes));
+  a.splits = pvSplits(a);
+  a.counters = static_cast<unsigned*>(l.workspace);
+  a.partial = reinterpret_cast<float*>(static_cast<uint8_t*>(l.workspace) +
+                                       (a.H * sizeof(unsigned) + kCounterBytes - 1) / kCounterBytes * kCounterBytes);
+  const dim3 grid(unsigned(a.splits), unsigned(a.H));
+  const size_t smem = size_t(kWarps) * group * a.D * sizeof(float);
+  for (uint32_t n = 0; n < nq; ++n) {
+    a.in = p + size_t(n) * qHeads * a.T;
+    a.out = out + size_t(n) * qHeads * a.D;
+    fn.pv(a, grid, smem, l.stream);
+  }
+}
+
+}  // namespace
+
+const gpu::GpuCodecDef kPackkvGpuCodec = {"packkv", bodyBytes, workspaceBytes, encode, decode, qk, pv};
+static const gpu::GpuCodecRegistrar registrar(kPackkvGpuCodec);
+
+}  // namespace packkv

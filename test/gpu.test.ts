@@ -1,0 +1,83 @@
+// GPU kernels against the CPU reference: decode equal bit for bit, fused products within float
+// rounding, on the real dump and on random data. Skipped, with the reason, where no GPU is usable.
+import { describe, expect, it } from 'vitest';
+
+import { defaultDumpFiles } from '../cli/dumps.js';
+import { f16ToF32, f32ToF16 } from '../cli/io/dtype.js';
+import { loadLayer, openDump } from '../cli/io/dump.js';
+import { native } from '../cli/native.js';
+import { filled, lcg, relDiff } from './helpers.js';
+
+const nat = native();
+const cuda = nat.backends().cuda;
+const gpuCodecs = nat.gpuCodecs();
+const skipReason = cuda.usable ? '' : ` (skipped: ${cuda.reason})`;
+
+/** The GPU takes q and p in fp16: give the CPU the same values. */
+const asF16 = (x: Float32Array) => f16ToF32(f32ToF16(x));
+
+const settings: Record<string, string[]> = {
+  fp16: ['fp16'],
+  kivi: ['kivi:bits=1,group=32,residual=0', 'kivi:bits=2', 'kivi:bits=4,residual=64', 'kivi:bits=8,group=64'],
+  kvcomp: ['kvcomp', 'kvcomp:k_rel=0.01,v_rel=0.02,k_block=32,v_block=64'],
+  packkv: ['packkv', 'packkv:repack=greedy,pack=8,zp=hp', 'packkv:repack=none,pack=32,block=128'],
+  tailorkv: ['tailorkv:mode=q,bits=1', 'tailorkv:mode=q,bits=2,group=32'],
+};
+
+it('the addon lists its GPU codecs whether or not a GPU is present', () => {
+  expect(Array.isArray(gpuCodecs)).toBe(true);
+  if (nat.backends().cuda.reason?.includes('built without CUDA')) expect(gpuCodecs).toEqual([]);
+});
+
+describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`, () => {
+  const specs = gpuCodecs.flatMap((c) => settings[c] ?? nat.codecs().find((x) => x.name === c)!.defaultRuns);
+
+  it.each(specs)('%s on every layer of the real dump', async (spec) => {
+    const dump = await openDump(defaultDumpFiles());
+    const shape = { kvHeads: dump.kvHeads, tokens: dump.tokens, headDim: dump.headDim };
+    for (const ref of dump.layers) {
+      const { k, v, q } = await loadLayer(dump, ref);
+      const ek = await nat.encode(spec, 'K', k, shape);
+      const ev = await nat.encode(spec, 'V', v, shape);
+      const q16 = asF16(q!);
+      const p = asF16(filled(dump.nQueries * dump.heads * dump.tokens, (i) => ((i * 7919) % 1000) / 1000 / dump.tokens));
+      for (const e of [ek, ev]) {
+        const g = await nat.gpuRun('decode', e.stream, null, 1, 1, 1);
+        expect(Buffer.from(g.result.buffer).equals(Buffer.from((await nat.decode(e.stream)).buffer))).toBe(true);
+      }
+      const gs = await nat.gpuRun('qk', ek.stream, q16, dump.heads, dump.nQueries, 1);
+      expect(relDiff(gs.result, await nat.qk(ek.stream, q16, dump.heads, dump.nQueries))).toBeLessThan(1e-5);
+      const go = await nat.gpuRun('pv', ev.stream, p, dump.heads, dump.nQueries, 1);
+      expect(relDiff(go.result, await nat.pv(ev.stream, p, dump.heads, dump.nQueries))).toBeLessThan(1e-5);
+    }
+  });
+
+  it.each(specs)('%s on random data: 8 KV heads, 32 query heads, 4100 tokens, head_dim 128', async (spec) => {
+    const r = lcg(7);
+    const shape = { kvHeads: 8, tokens: 4100, headDim: 128 };
+    const x = asF16(filled(8 * 4100 * 128, (i) => r() * 4 + (i % 128 === 3 ? 9 : 0)));
+    const ek = await nat.encode(spec, 'K', x, shape);
+    const ev = await nat.encode(spec, 'V', x, shape);
+    const q = asF16(filled(2 * 32 * 128, () => r()));
+    const p = asF16(filled(2 * 32 * 4100, () => Math.abs(r()) / 2000));
+    expect(relDiff((await nat.gpuRun('qk', ek.stream, q, 32, 2, 1)).result, await nat.qk(ek.stream, q, 32, 2))).toBeLessThan(1e-5);
+    expect(relDiff((await nat.gpuRun('pv', ev.stream, p, 32, 2, 1)).result, await nat.pv(ev.stream, p, 32, 2))).toBeLessThan(1e-5);
+  });
+
+  it('tailorkv mode=s: GPU decode equals the CPU, its products are refused with the reason', async () => {
+    const shape = { kvHeads: 2, tokens: 512, headDim: 64 };
+    const r = lcg(3);
+    const x = asF16(filled(2 * 512 * 64, () => r()));
+    const e = await nat.encode('tailorkv:mode=s', 'K', x, shape);
+    const g = await nat.gpuRun('decode', e.stream, null, 1, 1, 1);
+    expect(Buffer.from(g.result.buffer).equals(Buffer.from((await nat.decode(e.stream)).buffer))).toBe(true);
+    await expect(nat.gpuRun('qk', e.stream, asF16(filled(4 * 64, () => r())), 4, 1, 1)).rejects.toThrow('mode=s has no CUDA kernels');
+  });
+});
+
+describe.skipIf(cuda.usable)(`without a usable GPU${skipReason}`, () => {
+  it('gpuRun rejects with the reason instead of crashing', async () => {
+    const e = await nat.encode('fp16', 'K', new Float32Array(64), { kvHeads: 1, tokens: 1, headDim: 64 });
+    await expect(nat.gpuRun('decode', e.stream, null, 1, 1, 1)).rejects.toThrow(cuda.reason!.slice(0, 20));
+  });
+});
