@@ -170,6 +170,7 @@ function makeRecord(
   const b = t.breakdown;
   const deviceBytes = b.payload + b.scales + b.zeros + b.residual + b.metadata;
   const isK = kind === 'K';
+  const mixed = t.cpuLayers > 0 && t.cpuLayers < t.layers;
   const mbps = (ms: number) => (ms > 0 ? t.fp16Bytes / 1e6 / (ms / 1e3) : null);
   return {
     schema: 1,
@@ -206,11 +207,13 @@ function makeRecord(
     sinkMassErr: isK ? px.sinkMassErr : null,
     encodeMBps: mbps(t.encodeMs) ?? 0,
     decodeMBps: mbps(t.decodeMs) ?? 0,
-    qkMs: isK ? t.productMs : null,
-    pvMs: isK ? null : t.productMs,
+    // Times summed over layers that ran on different devices compare with nothing: leave them out.
+    qkMs: isK && !mixed ? t.productMs : null,
+    pvMs: !isK && !mixed ? t.productMs : null,
     notes: [
       ...(ctx.device === 'cuda' && t.cpuLayers > 0
-        ? [`${t.cpuLayers} of ${t.layers} layers ran on the CPU reference (no CUDA kernels for their streams)`]
+        ? [`${t.cpuLayers} of ${t.layers} layers ran on the CPU reference (no CUDA kernels for their streams)` +
+            (mixed ? '; product times left out (mixed devices)' : '')]
         : []),
       ...(proxy === 'self-keys' ? ['proxy=self-keys: the dump has no queries; its last keys stand in'] : []),
       ...(dump.postRope ? [] : ['keys are pre-RoPE (dump metadata)']),

@@ -60,8 +60,11 @@ describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`
     const ev = await nat.encode(spec, 'V', x, shape);
     const q = asF16(filled(2 * 32 * 128, () => r()));
     const p = asF16(filled(2 * 32 * 4100, () => Math.abs(r()) / 2000));
-    expect(relDiff((await nat.gpuRun('qk', ek.stream, q, 32, 2, 1)).result, await nat.qk(ek.stream, q, 32, 2))).toBeLessThan(1e-5);
-    expect(relDiff((await nat.gpuRun('pv', ev.stream, p, 32, 2, 1)).result, await nat.pv(ev.stream, p, 32, 2))).toBeLessThan(1e-5);
+    // cuBLAS (the fp16 baseline) sums p·V over thousands of tokens in its own order: 2.5e-5 was
+    // measured at 4100 tokens. Our fused kernels are held to 1e-5.
+    const tolerance = spec === 'fp16' ? 1e-4 : 1e-5;
+    expect(relDiff((await nat.gpuRun('qk', ek.stream, q, 32, 2, 1)).result, await nat.qk(ek.stream, q, 32, 2))).toBeLessThan(tolerance);
+    expect(relDiff((await nat.gpuRun('pv', ev.stream, p, 32, 2, 1)).result, await nat.pv(ev.stream, p, 32, 2))).toBeLessThan(tolerance);
   });
 
   it('tailorkv mode=s: GPU decode equals the CPU, its products are refused with the reason', async () => {
