@@ -7,6 +7,9 @@
 //    exactly (round-to-nearest fp16 could push the top code past the range and clamp).
 //  * the stream is stored in the kernel layout, so the products need no per-step transpose.
 //  * 1- and 8-bit widths beside 2 and 4 (1-bit is TailorKV's).
+//  * a group that does not divide head_dim leaves a partial last V channel group instead of an
+//    error; fp16 residual tokens outside the fp16 range are refused instead of becoming inf.
+// TailorKV's quantized layers use this codec's functions (kernels/tailorkv/cpu.cpp).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -38,9 +41,6 @@ void check(const Params& p, TensorKind kind, const Shape& s) {
          " (codes per 32-bit word at bits=" + std::to_string(bits) + ")");
   if (residual % group != 0)
     fail("residual=" + std::to_string(residual) + " must be a multiple of group=" + std::to_string(group));
-  if (kind == TensorKind::Value && s.dim % group != 0)
-    fail("group=" + std::to_string(group) + " must divide head_dim=" + std::to_string(s.dim) +
-         " (value groups run along channels)");
   if (kind == TensorKind::Value && s.dim % perWord != 0)
     fail("head_dim=" + std::to_string(s.dim) + " must be a multiple of " + std::to_string(perWord));
 }
@@ -105,17 +105,18 @@ void encodeValues(const float* x, const Shape& s, const Layout& l, std::vector<u
   uint32_t* codes = at<uint32_t>(out, l.codesOff);
   uint16_t* scales = at<uint16_t>(out, l.scaleOff);
   uint16_t* mins = at<uint16_t>(out, l.minOff);
-  uint32_t groups = s.dim / l.group, rows = s.dim / l.perWord, tq = l.quantTokens;
+  uint32_t groups = l.valueGroups, rows = s.dim / l.perWord, tq = l.quantTokens;
   for (uint32_t h = 0; h < s.heads; ++h)
     for (uint32_t t = 0; t < tq; ++t) {
       const float* xt = x + (size_t(h) * s.tokens + t) * s.dim;
       for (uint32_t g = 0; g < groups; ++g) {
-        auto [lo, hi] = std::minmax_element(xt + g * l.group, xt + (g + 1) * l.group);
+        uint32_t d0 = g * l.group, d1 = std::min(s.dim, d0 + l.group);
+        auto [lo, hi] = std::minmax_element(xt + d0, xt + d1);
         GroupQuant gq(*lo, *hi, l.bits);
         size_t si = (size_t(h) * groups + g) * tq + t;
         scales[si] = gq.scaleHalf;
         mins[si] = gq.minHalf;
-        for (uint32_t d = g * l.group; d < (g + 1) * l.group; ++d)
+        for (uint32_t d = d0; d < d1; ++d)
           packCode(codes[(size_t(h) * rows + d / l.perWord) * tq + t], d % l.perWord, l.bits, gq.code(xt[d]));
       }
     }
@@ -125,9 +126,12 @@ void encodeResidual(const float* x, const Shape& s, const Layout& l, std::vector
   uint16_t* res = at<uint16_t>(out, l.residualOff);
   for (uint32_t h = 0; h < s.heads; ++h)
     for (uint32_t t = 0; t < l.residualTokens; ++t)
-      for (uint32_t d = 0; d < s.dim; ++d)
-        res[(size_t(h) * l.residualTokens + t) * s.dim + d] =
-            floatToHalf(x[(size_t(h) * s.tokens + l.quantTokens + t) * s.dim + d]);
+      for (uint32_t d = 0; d < s.dim; ++d) {
+        uint16_t v = floatToHalf(x[(size_t(h) * s.tokens + l.quantTokens + t) * s.dim + d]);
+        if ((v & 0x7C00u) == 0x7C00u)
+          throw CodecError("codec 'kivi': residual value out of the fp16 range (|x| > 65504)");
+        res[(size_t(h) * l.residualTokens + t) * s.dim + d] = v;
+      }
 }
 
 EncodedBody encode(const float* x, const Shape& s, TensorKind kind, const Params& p) {
@@ -170,7 +174,7 @@ struct Reader {
   }
   /** V[h][t][d] for t < Tq. */
   float value(uint32_t h, uint32_t t, uint32_t d) const {
-    uint32_t D = s.header.shape.dim, tq = l.quantTokens, rows = D / l.perWord, groups = D / l.group;
+    uint32_t D = s.header.shape.dim, tq = l.quantTokens, rows = D / l.perWord, groups = l.valueGroups;
     uint32_t word = codes[(size_t(h) * rows + d / l.perWord) * tq + t];
     size_t si = (size_t(h) * groups + d / l.group) * tq + t;
     return float(unpackCode(word, d % l.perWord, l.bits)) * halfToFloat(scales[si]) + halfToFloat(mins[si]);
@@ -233,7 +237,7 @@ void pv(const StreamView& s, const float* p, uint32_t qHeads, uint32_t nq, float
   Reader r(s);
   const Shape& sh = s.header.shape;
   const Layout& l = r.l;
-  uint32_t D = sh.dim, tq = l.quantTokens, rows = D / l.perWord, groups = D / l.group;
+  uint32_t D = sh.dim, tq = l.quantTokens, rows = D / l.perWord, groups = l.valueGroups;
   std::vector<double> acc(D);
   for (uint32_t n = 0; n < nq; ++n)
     for (uint32_t h = 0; h < qHeads; ++h) {

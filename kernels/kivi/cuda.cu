@@ -27,8 +27,11 @@ Layout layoutFor(const Params& p, TensorKind kind, const Shape& s) {
 int bitsIndex(uint32_t bits) { return bits == 1 ? 0 : bits == 2 ? 1 : bits == 4 ? 2 : 3; }
 
 /** What the kernels assume beyond cpu.cpp's check(); names the mismatch. */
-void checkGpuShape(const Layout& l, const Shape& s) {
+void checkGpuShape(const Layout& l, const Shape& s, TensorKind kind) {
   auto fail = [](const std::string& m) { throw CodecError("codec 'kivi' on the GPU: " + m); };
+  if (kind == TensorKind::Value && s.dim % l.group != 0)
+    fail("a partial last V channel group (head_dim=" + std::to_string(s.dim) + ", group=" + std::to_string(l.group) +
+         ") has no CUDA kernels");
   if (s.dim % 16 != 0 || s.dim > 1024) fail("head_dim=" + std::to_string(s.dim) + " must be a multiple of 16, at most 1024");
   if (l.group % 16 != 0) fail("group=" + std::to_string(l.group) + " must be a multiple of 16");
 }
@@ -177,7 +180,7 @@ void requireWorkspace(const StreamView& s, uint32_t qHeads, const gpu::Launch& l
 
 Breakdown encode(const float* x, const Shape& s, TensorKind kind, const Params& p, uint8_t* body, const gpu::Launch& l) {
   Layout lay = layoutFor(p, kind, s);
-  checkGpuShape(lay, s);
+  checkGpuShape(lay, s, kind);
   if (!l.workspace || l.workspaceBytes < kFlagBytes) throw CodecError("codec 'kivi' GPU encode needs a workspace");
   int* bad = static_cast<int*>(l.workspace);
   EncodeArgs a{x,
@@ -213,7 +216,7 @@ void decode(const StreamView& s, float* out, const gpu::Launch& l) {
   const Shape& sh = s.header.shape;
   Layout lay = layoutFor(s.params, s.header.kind, sh);
   requireBodyBytes(s, lay.total);
-  checkGpuShape(lay, sh);
+  checkGpuShape(lay, sh, s.header.kind);
   DecodeArgs a{reinterpret_cast<const uint32_t*>(s.body + lay.codesOff),
                reinterpret_cast<const uint16_t*>(s.body + lay.scaleOff),
                reinterpret_cast<const uint16_t*>(s.body + lay.minOff),
@@ -236,7 +239,7 @@ void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, fl
   const Shape& sh = s.header.shape;
   Layout lay = layoutFor(s.params, s.header.kind, sh);
   requireBodyBytes(s, lay.total);
-  checkGpuShape(lay, sh);
+  checkGpuShape(lay, sh, s.header.kind);
   const uint32_t group = qHeads / sh.heads;
   const Launchers& fn = launchersFor(lay.bits, group);
   kivi::QkArgs a{};
@@ -259,7 +262,7 @@ void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, fl
   const Shape& sh = s.header.shape;
   Layout lay = layoutFor(s.params, s.header.kind, sh);
   requireBodyBytes(s, lay.total);
-  checkGpuShape(lay, sh);
+  checkGpuShape(lay, sh, s.header.kind);
   requireWorkspace(s, qHeads, l);
   const uint32_t group = qHeads / sh.heads;
   const Launchers& fn = launchersFor(lay.bits, group);

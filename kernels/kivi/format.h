@@ -8,10 +8,11 @@
 // K stream (packing along tokens):              V stream (packing along channels):
 //   Tq = T - r,  r = T mod R (R>0) else T mod G    Tq = 0 if T <= R, else T - R (R>0); T if R=0
 //   codes u32 [H][Tq/F][D]                         codes u32 [H][D/F][Tq]
-//   scale f16 [H][Tq/G][D]                         scale f16 [H][D/G][Tq]
-//   min   f16 [H][Tq/G][D]                         min   f16 [H][D/G][Tq]
+//   scale f16 [H][Tq/G][D]                         scale f16 [H][⌈D/G⌉][Tq]
+//   min   f16 [H][Tq/G][D]                         min   f16 [H][⌈D/G⌉][Tq]
 //   residual f16 [H][r][D]                         residual f16 [H][T-Tq][D]
 //
+// A V group that head_dim does not fill (D mod G channels) is a partial last group of its own.
 // Bits per quantized element: b + 32/G (2-bit, G=32: 3 bits, 5.33×); residual tokens cost 16.
 #pragma once
 #include <cstdint>
@@ -23,6 +24,7 @@ namespace packkv::kivi {
 struct Layout {
   uint32_t bits, perWord, group, residualLen;  // b, F, G, R
   uint32_t quantTokens, residualTokens;        // Tq, T - Tq
+  uint32_t valueGroups;                        // ceil(D/G): V channel groups, the last may be partial
   uint64_t codesOff, scaleOff, minOff, residualOff, total;
   uint64_t codesBytes, scaleBytes, minBytes, residualBytes;
 };
@@ -40,9 +42,10 @@ inline Layout layoutOf(const Shape& s, TensorKind kind, uint32_t bits, uint32_t 
     l.quantTokens = residual == 0 ? s.tokens : (s.tokens <= residual ? 0 : s.tokens - residual);
   }
   l.residualTokens = s.tokens - l.quantTokens;
+  l.valueGroups = (s.dim + group - 1) / group;
   uint64_t q = uint64_t(s.heads) * l.quantTokens * s.dim;  // quantized elements
   l.codesBytes = q / l.perWord * 4;
-  l.scaleBytes = q / group * 2;
+  l.scaleBytes = kind == TensorKind::Key ? q / group * 2 : uint64_t(s.heads) * l.valueGroups * l.quantTokens * 2;
   l.minBytes = l.scaleBytes;
   l.residualBytes = uint64_t(s.heads) * l.residualTokens * s.dim * 2;
   l.codesOff = 0;

@@ -34,7 +34,6 @@ namespace packkv {
 namespace {
 
 using tailorkv::Mode;
-using tailorkv::QuantLayout;
 using tailorkv::SparseLayout;
 
 [[noreturn]] void fail(const std::string& m) { throw CodecError("codec 'tailorkv': " + m); }
@@ -44,10 +43,6 @@ Mode modeOf(const Params& p) {
   return m == "q" ? Mode::Quant : m == "s" ? Mode::Sparse : Mode::Auto;
 }
 
-QuantLayout quantLayout(const Params& p, TensorKind kind, const Shape& s) {
-  return tailorkv::quantLayoutOf(s, kind, uint32_t(p.integer("bits")), uint32_t(p.integer("group")),
-                                 uint32_t(p.integer("residual")));
-}
 SparseLayout sparseLayout(const Params& p, TensorKind kind, const Shape& s) {
   return tailorkv::sparseLayoutOf(s, kind, uint32_t(p.integer("sinks")), uint32_t(p.integer("window")));
 }
@@ -88,195 +83,48 @@ uint16_t toHalf(float x) {
   return h;
 }
 
-// ---- mode=q: KIVI min-max quantization ----------------------------------------------------
+// ---- mode=q: KIVI's own codec functions (kernels/kivi/cpu.cpp), one implementation of the math --
 
-/** Min-max quantizer of one group: fp16 min rounded down, fp16 scale rounded up. */
-struct GroupQuant {
-  uint16_t minHalf, scaleHalf;
-  float min, scale;
-  uint32_t levels;
+/** The KIVI parameters of a mode=q stream. */
+Params kiviParams(const Params& p) {
+  return parseSpec("kivi:bits=" + std::to_string(p.integer("bits")) + ",group=" + std::to_string(p.integer("group")) +
+                   ",residual=" + std::to_string(p.integer("residual")))
+      .params;
+}
 
-  GroupQuant(float lo, float hi, uint32_t bits) : levels((1u << bits) - 1u) {
-    if (!(std::fabs(lo) <= 65504.f && std::fabs(hi) <= 65504.f)) fail("value out of the fp16 range (|x| > 65504)");
-    minHalf = floatToHalfDown(lo);
-    min = halfToFloat(minHalf);
-    double step = (double(hi) - double(min)) / levels;
-    float stepF = float(step);
-    if (double(stepF) < step) stepF = std::nextafter(stepF, INFINITY);
-    scaleHalf = floatToHalfUp(stepF);
-    scale = halfToFloat(scaleHalf);
-  }
-  uint32_t code(float x) const {
-    if (scale == 0.f) return 0;
-    return uint32_t(std::nearbyint(std::clamp((x - min) / scale, 0.f, float(levels))));
-  }
-};
-
-void encodeQuantKeys(const float* x, const Shape& s, const QuantLayout& l, std::vector<uint8_t>& out) {
-  uint32_t* codes = at<uint32_t>(out, l.codesOff);
-  uint16_t* scales = at<uint16_t>(out, l.scaleOff);
-  uint16_t* mins = at<uint16_t>(out, l.minOff);
-  uint32_t groups = l.quantTokens / l.group, rows = l.quantTokens / l.perWord, D = s.dim;
-  for (uint32_t h = 0; h < s.heads; ++h) {
-    const float* xh = x + size_t(h) * s.tokens * D;
-    for (uint32_t g = 0; g < groups; ++g)
-      for (uint32_t d = 0; d < D; ++d) {
-        float lo = INFINITY, hi = -INFINITY;
-        for (uint32_t t = g * l.group; t < (g + 1) * l.group; ++t) {
-          lo = std::min(lo, xh[size_t(t) * D + d]);
-          hi = std::max(hi, xh[size_t(t) * D + d]);
-        }
-        GroupQuant gq(lo, hi, l.bits);
-        size_t si = (size_t(h) * groups + g) * D + d;
-        scales[si] = gq.scaleHalf;
-        mins[si] = gq.minHalf;
-        for (uint32_t t = g * l.group; t < (g + 1) * l.group; ++t)
-          packCode(codes[(size_t(h) * rows + t / l.perWord) * D + d], t % l.perWord, l.bits, gq.code(xh[size_t(t) * D + d]));
-      }
+/** Runs a KIVI call, naming TailorKV in its errors. */
+template <typename Fn>
+auto asKivi(Fn&& fn) -> decltype(fn()) {
+  try {
+    return fn();
+  } catch (const CodecError& e) {
+    std::string m = e.what();
+    const std::string prefix = "codec 'kivi': ";
+    if (m.rfind(prefix, 0) == 0) m = m.substr(prefix.size());
+    fail("mode=q (KIVI quantizer): " + m);
   }
 }
 
-void encodeQuantValues(const float* x, const Shape& s, const QuantLayout& l, std::vector<uint8_t>& out) {
-  uint32_t* codes = at<uint32_t>(out, l.codesOff);
-  uint16_t* scales = at<uint16_t>(out, l.scaleOff);
-  uint16_t* mins = at<uint16_t>(out, l.minOff);
-  uint32_t D = s.dim, rows = D / l.perWord, tq = l.quantTokens;
-  for (uint32_t h = 0; h < s.heads; ++h)
-    for (uint32_t t = 0; t < tq; ++t) {
-      const float* xt = x + (size_t(h) * s.tokens + t) * D;
-      for (uint32_t g = 0; g < l.valueGroups; ++g) {
-        uint32_t d0 = g * l.group, d1 = std::min(D, d0 + l.group);
-        auto [lo, hi] = std::minmax_element(xt + d0, xt + d1);
-        GroupQuant gq(*lo, *hi, l.bits);
-        size_t si = (size_t(h) * l.valueGroups + g) * tq + t;
-        scales[si] = gq.scaleHalf;
-        mins[si] = gq.minHalf;
-        for (uint32_t d = d0; d < d1; ++d)
-          packCode(codes[(size_t(h) * rows + d / l.perWord) * tq + t], d % l.perWord, l.bits, gq.code(xt[d]));
-      }
-    }
+StreamView kiviView(const StreamView& s) {
+  StreamView v = s;
+  v.params = kiviParams(s.params);
+  v.header.codec = "kivi";
+  return v;
 }
+
+const CodecDef& kivi() { return findCodec("kivi"); }
 
 EncodedBody encodeQuant(const float* x, const Shape& s, TensorKind kind, const Params& p) {
-  QuantLayout l = quantLayout(p, kind, s);
-  EncodedBody out;
-  out.bytes.assign(l.total, 0);
-  if (kind == TensorKind::Key) encodeQuantKeys(x, s, l, out.bytes);
-  else encodeQuantValues(x, s, l, out.bytes);
-  uint16_t* res = at<uint16_t>(out.bytes, l.residualOff);
-  for (uint32_t h = 0; h < s.heads; ++h)
-    for (uint32_t t = 0; t < l.residualTokens; ++t)
-      for (uint32_t d = 0; d < s.dim; ++d)
-        res[(size_t(h) * l.residualTokens + t) * s.dim + d] = toHalf(x[(size_t(h) * s.tokens + l.quantTokens + t) * s.dim + d]);
-  out.breakdown.payload = l.codesBytes;
-  out.breakdown.scales = l.scaleBytes;
-  out.breakdown.zeros = l.minBytes;
-  out.breakdown.residual = l.residualBytes;
-  return out;
+  return asKivi([&] { return kivi().encode(x, s, kind, kiviParams(p)); });
 }
-
-/** Reads the quantized stream back: code * scale + min in fp32 (what a GPU computes too). */
-struct QuantReader {
-  const Shape& sh;
-  TensorKind kind;
-  QuantLayout l;
-  const uint32_t* codes;
-  const uint16_t *scales, *mins, *residual;
-
-  explicit QuantReader(const StreamView& s)
-      : sh(s.header.shape), kind(s.header.kind), l(quantLayout(s.params, s.header.kind, s.header.shape)) {
-    requireBodyBytes(s, l.total);
-    codes = at<uint32_t>(s.body, l.codesOff);
-    scales = at<uint16_t>(s.body, l.scaleOff);
-    mins = at<uint16_t>(s.body, l.minOff);
-    residual = at<uint16_t>(s.body, l.residualOff);
-  }
-  float residualAt(uint32_t h, uint32_t t, uint32_t d) const {
-    return halfToFloat(residual[(size_t(h) * l.residualTokens + (t - l.quantTokens)) * sh.dim + d]);
-  }
-  float element(uint32_t h, uint32_t t, uint32_t d) const {
-    if (t >= l.quantTokens) return residualAt(h, t, d);
-    uint32_t D = sh.dim, tq = l.quantTokens;
-    if (kind == TensorKind::Key) {
-      uint32_t word = codes[(size_t(h) * (tq / l.perWord) + t / l.perWord) * D + d];
-      size_t si = (size_t(h) * (tq / l.group) + t / l.group) * D + d;
-      return float(unpackCode(word, t % l.perWord, l.bits)) * halfToFloat(scales[si]) + halfToFloat(mins[si]);
-    }
-    uint32_t word = codes[(size_t(h) * (D / l.perWord) + d / l.perWord) * tq + t];
-    size_t si = (size_t(h) * l.valueGroups + d / l.group) * tq + t;
-    return float(unpackCode(word, d % l.perWord, l.bits)) * halfToFloat(scales[si]) + halfToFloat(mins[si]);
-  }
-};
-
 void decodeQuant(const StreamView& s, float* out) {
-  QuantReader r(s);
-  const Shape& sh = s.header.shape;
-  for (uint32_t h = 0; h < sh.heads; ++h)
-    for (uint32_t t = 0; t < sh.tokens; ++t)
-      for (uint32_t d = 0; d < sh.dim; ++d) out[(size_t(h) * sh.tokens + t) * sh.dim + d] = r.element(h, t, d);
+  asKivi([&] { kivi().decode(kiviView(s), out); });
 }
-
-// Σ_d q_d (c_td s_gd + m_gd) = Σ_d (q_d s_gd) c_td + Σ_d q_d m_gd: scale folded into q per group.
 void qkQuant(const StreamView& s, const float* q, uint32_t qHeads, uint32_t nq, float* scores) {
-  QuantReader r(s);
-  const Shape& sh = s.header.shape;
-  const QuantLayout& l = r.l;
-  uint32_t D = sh.dim, groups = l.quantTokens / l.group, rows = l.quantTokens / l.perWord;
-  std::vector<double> qs(D);
-  for (uint32_t n = 0; n < nq; ++n)
-    for (uint32_t h = 0; h < qHeads; ++h) {
-      uint32_t kh = kvHeadOf(h, qHeads, sh.heads);
-      const float* qv = q + (size_t(n) * qHeads + h) * D;
-      float* out = scores + (size_t(n) * qHeads + h) * sh.tokens;
-      for (uint32_t g = 0; g < groups; ++g) {
-        double qm = 0;
-        for (uint32_t d = 0; d < D; ++d) {
-          size_t si = (size_t(kh) * groups + g) * D + d;
-          qs[d] = double(qv[d]) * halfToFloat(r.scales[si]);
-          qm += double(qv[d]) * halfToFloat(r.mins[si]);
-        }
-        for (uint32_t t = g * l.group; t < (g + 1) * l.group; ++t) {
-          const uint32_t* words = r.codes + (size_t(kh) * rows + t / l.perWord) * D;
-          double acc = qm;
-          for (uint32_t d = 0; d < D; ++d) acc += qs[d] * unpackCode(words[d], t % l.perWord, l.bits);
-          out[t] = float(acc);
-        }
-      }
-      for (uint32_t t = l.quantTokens; t < sh.tokens; ++t) {
-        double acc = 0;
-        for (uint32_t d = 0; d < D; ++d) acc += double(qv[d]) * r.residualAt(kh, t, d);
-        out[t] = float(acc);
-      }
-    }
+  asKivi([&] { kivi().qk(kiviView(s), q, qHeads, nq, scores); });
 }
-
-// Per packed channel row: scale and min apply per (channel group, token), folded into p_t.
-void pvQuant(const StreamView& s, const float* p, uint32_t qHeads, uint32_t nq, float* outAll) {
-  QuantReader r(s);
-  const Shape& sh = s.header.shape;
-  const QuantLayout& l = r.l;
-  uint32_t D = sh.dim, tq = l.quantTokens, rows = D / l.perWord;
-  std::vector<double> acc(D);
-  for (uint32_t n = 0; n < nq; ++n)
-    for (uint32_t h = 0; h < qHeads; ++h) {
-      uint32_t kh = kvHeadOf(h, qHeads, sh.heads);
-      const float* pr = p + (size_t(n) * qHeads + h) * sh.tokens;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (uint32_t row = 0; row < rows; ++row) {
-        uint32_t g = row * l.perWord / l.group;
-        const uint32_t* words = r.codes + (size_t(kh) * rows + row) * tq;
-        const uint16_t* sc = r.scales + (size_t(kh) * l.valueGroups + g) * tq;
-        const uint16_t* mn = r.mins + (size_t(kh) * l.valueGroups + g) * tq;
-        for (uint32_t t = 0; t < tq; ++t) {
-          double ps = double(pr[t]) * halfToFloat(sc[t]), pm = double(pr[t]) * halfToFloat(mn[t]);
-          for (uint32_t i = 0; i < l.perWord; ++i) acc[row * l.perWord + i] += ps * unpackCode(words[t], i, l.bits) + pm;
-        }
-      }
-      for (uint32_t t = tq; t < sh.tokens; ++t)
-        for (uint32_t d = 0; d < D; ++d) acc[d] += double(pr[t]) * r.residualAt(kh, t, d);
-      float* out = outAll + (size_t(n) * qHeads + h) * D;
-      for (uint32_t d = 0; d < D; ++d) out[d] = float(acc[d]);
-    }
+void pvQuant(const StreamView& s, const float* p, uint32_t qHeads, uint32_t nq, float* out) {
+  asKivi([&] { kivi().pv(kiviView(s), p, qHeads, nq, out); });
 }
 
 // ---- mode=s: device sinks + window, offloaded tokens, per-query top-k ----------------------

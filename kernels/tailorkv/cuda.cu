@@ -28,7 +28,6 @@ namespace packkv {
 namespace {
 
 using tailorkv::Mode;
-using tailorkv::QuantLayout;
 using tailorkv::SparseLayout;
 
 [[noreturn]] void fail(const std::string& m) { throw CodecError("codec 'tailorkv' on the GPU: " + m); }
@@ -110,7 +109,7 @@ __global__ void decodeSparseKernel(SparseArgs a) {
 
 uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
   if (modeOf(p) == Mode::Quant)
-    return tailorkv::quantLayoutOf(s, kind, uint32_t(p.integer("bits")), uint32_t(p.integer("group")),
+    return kivi::layoutOf(s, kind, uint32_t(p.integer("bits")), uint32_t(p.integer("group")),
                                    uint32_t(p.integer("residual")))
         .total;
   return sparseLayout(p, kind, s).total;

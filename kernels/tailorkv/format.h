@@ -34,6 +34,7 @@
 #include <cstdint>
 
 #include "codec.h"
+#include "kivi/format.h"
 
 namespace packkv::tailorkv {
 
@@ -41,41 +42,6 @@ enum class Mode : uint8_t { Auto, Quant, Sparse };
 
 /** Score q·Kᵀ reports for an offloaded token the top-k did not select: softmax weight exactly 0. */
 constexpr float kMaskedScore = -1e30f;
-
-struct QuantLayout {
-  uint32_t bits, perWord, group, residualLen;  // b, F, G, R
-  uint32_t quantTokens, residualTokens;        // Tq, T - Tq
-  uint32_t valueGroups;                        // Gd (V only)
-  uint64_t codesOff, scaleOff, minOff, residualOff, total;
-  uint64_t codesBytes, scaleBytes, minBytes, residualBytes;
-};
-
-inline QuantLayout quantLayoutOf(const Shape& s, TensorKind kind, uint32_t bits, uint32_t group, uint32_t residual) {
-  QuantLayout l{};
-  l.bits = bits;
-  l.perWord = 32 / bits;
-  l.group = group;
-  l.residualLen = residual;
-  l.valueGroups = (s.dim + group - 1) / group;
-  if (kind == TensorKind::Key) {
-    uint32_t r = residual > 0 ? s.tokens % residual : s.tokens % group;
-    l.quantTokens = s.tokens - r;
-  } else {
-    l.quantTokens = residual == 0 ? s.tokens : (s.tokens <= residual ? 0 : s.tokens - residual);
-  }
-  l.residualTokens = s.tokens - l.quantTokens;
-  uint64_t q = uint64_t(s.heads) * l.quantTokens * s.dim;
-  l.codesBytes = q / l.perWord * 4;
-  l.scaleBytes = kind == TensorKind::Key ? q / group * 2 : uint64_t(s.heads) * l.valueGroups * l.quantTokens * 2;
-  l.minBytes = l.scaleBytes;
-  l.residualBytes = uint64_t(s.heads) * l.residualTokens * s.dim * 2;
-  l.codesOff = 0;
-  l.scaleOff = l.codesOff + l.codesBytes;
-  l.minOff = l.scaleOff + l.scaleBytes;
-  l.residualOff = l.minOff + l.minBytes;
-  l.total = l.residualOff + l.residualBytes;
-  return l;
-}
 
 struct SparseLayout {
   uint32_t sinks, window, hostTokens;  // S', W', M
