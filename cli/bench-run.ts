@@ -128,9 +128,21 @@ async function runTensor(spec: string, kind: TensorKind, p: LayerProblem, label:
 }
 
 /** Sums of one codec × tensor over the layers of a dump, for the layer='all' record. */
+/** Rows of one query head: [nQueries, 1, ...] slices of [nQueries, qHeads, ...] attention tensors. */
+function headSlice(t: AttentionTensors, shape: AttentionShape, h: number): AttentionTensors {
+  const pick = (x: Float32Array, width: number) => {
+    const out = new Float32Array(shape.nQueries * width);
+    for (let n = 0; n < shape.nQueries; n++) out.set(x.subarray((n * shape.qHeads + h) * width, (n * shape.qHeads + h + 1) * width), n * width);
+    return out;
+  };
+  return { scores: pick(t.scores, shape.tokens), probs: pick(t.probs, shape.tokens), out: pick(t.out, shape.headDim) };
+}
+
 class TensorTotals {
   error = new ErrorAccumulator();
   proxies = new ProxyAccumulator();
+  /** the same proxies for each query head alone */
+  headProxies: ProxyAccumulator[] = [];
   breakdown: ByteBreakdown = { payload: 0, scales: 0, zeros: 0, residual: 0, metadata: 0, host: 0 };
   fp16Bytes = 0;
   encodeMs = 0;
@@ -145,6 +157,11 @@ class TensorTotals {
   add(run: TensorRun, p: LayerProblem, fp16Bytes: number, original: Float32Array): void {
     this.error.add(original, run.decoded);
     this.proxies.add(p.ref, run.test, p.shape);
+    const oneHead: AttentionShape = { ...p.shape, qHeads: 1, kvHeads: 1 };
+    for (let h = 0; h < p.shape.qHeads; h++) {
+      this.headProxies[h] ??= new ProxyAccumulator();
+      this.headProxies[h].add(headSlice(p.ref, p.shape, h), headSlice(run.test, p.shape, h), oneHead);
+    }
     for (const key of Object.keys(this.breakdown) as (keyof ByteBreakdown)[]) this.breakdown[key] += run.encoded.breakdown[key];
     this.fp16Bytes += fp16Bytes;
     this.encodeMs += run.encodeMs;
@@ -205,6 +222,9 @@ function makeRecord(
     attnOutRelL2: px.attnOutRelL2,
     attnOutCosine: px.attnOutCosine,
     sinkMassErr: isK ? px.sinkMassErr : null,
+    headAttnOutRelL2: t.headProxies.map((a) => a.result().attnOutRelL2),
+    headKl: isK ? t.headProxies.map((a) => a.result().kl) : null,
+    headTop32Recall: isK ? t.headProxies.map((a) => a.result().top32Recall) : null,
     encodeMBps: mbps(t.encodeMs) ?? 0,
     decodeMBps: mbps(t.decodeMs) ?? 0,
     // Times summed over layers that ran on different devices compare with nothing: leave them out.

@@ -47,6 +47,8 @@ export function flattenRecord(r: BenchRecord): Record<string, FlatValue> {
       flat[field] = r.notes.join('; ');
     } else if (field === 'dumpFiles') {
       flat[field] = r.dumpFiles.join(';');
+    } else if (Array.isArray(v)) {
+      flat[field] = v.join(';'); // per-head values, head 0 first
     } else {
       flat[field] = v as FlatValue;
     }

@@ -55,6 +55,12 @@ export interface BenchRecord {
   attnOutRelL2: number;
   attnOutCosine: number;
   sinkMassErr: number | null;
+  /** attnOutRelL2 per query head (index = query head), aggregated over the record's layers */
+  headAttnOutRelL2: number[];
+  /** kl per query head; null for V records */
+  headKl: number[] | null;
+  /** top32Recall per query head; null for V records */
+  headTop32Recall: number[] | null;
   /** MB/s (1e6 bytes) of fp16 input */
   encodeMBps: number;
   decodeMBps: number;
@@ -71,7 +77,8 @@ const FIELD_ORDER: { [K in keyof BenchRecord]: true } = {
   headDim: true, fp16Bytes: true, deviceBytes: true, hostBytes: true, totalBytes: true, breakdown: true,
   compressionRatio: true, totalCompressionRatio: true, maxAbs: true, rmse: true, relL2: true, snrDb: true,
   proxy: true, scoresRelL2: true, kl: true, tv: true, top32Recall: true, top1pctRecall: true,
-  attnOutRelL2: true, attnOutCosine: true, sinkMassErr: true, encodeMBps: true, decodeMBps: true,
+  attnOutRelL2: true, attnOutCosine: true, sinkMassErr: true, headAttnOutRelL2: true, headKl: true,
+  headTop32Recall: true, encodeMBps: true, decodeMBps: true,
   qkMs: true, pvMs: true, notes: true,
 };
 export const RECORD_FIELDS = Object.keys(FIELD_ORDER) as (keyof BenchRecord)[];

@@ -101,6 +101,24 @@ describe('bench and report', () => {
     }
   });
 
+  it('per query head proxies: one value per head, and the pooled error lies between the heads', () => {
+    for (const r of records) {
+      expect(r.headAttnOutRelL2).toHaveLength(4);
+      if (r.codec === 'fp16') expect(r.headAttnOutRelL2).toEqual([0, 0, 0, 0]);
+      // a norm-weighted pool of per-head errors is bounded by the best and worst head
+      expect(r.attnOutRelL2).toBeLessThanOrEqual(Math.max(...r.headAttnOutRelL2) + 1e-12);
+      expect(r.attnOutRelL2).toBeGreaterThanOrEqual(Math.min(...r.headAttnOutRelL2) - 1e-12);
+      if (r.tensor === 'K') {
+        expect(r.headKl).toHaveLength(4);
+        // KL is a mean over rows, and every head has the same number of rows: the mean of the heads
+        const mean = r.headKl!.reduce((a, b) => a + b, 0) / 4;
+        expect(r.kl!).toBeCloseTo(mean, 12);
+      } else {
+        expect([r.headKl, r.headTop32Recall]).toEqual([null, null]);
+      }
+    }
+  });
+
   it('kivi ratios match the hand count (K: 160 mod 32 = 0 tokens in fp16; V: the last 32 tokens in fp16)', () => {
     const kivi = records.filter((r) => r.codec === 'kivi');
     expect(kivi).toHaveLength(6);

@@ -17,7 +17,7 @@ function makeRecord(overrides: Partial<BenchRecord> = {}): BenchRecord {
     breakdown: { payload: 800, scales: 100, zeros: 100, residual: 0, metadata: 0, host: 0 },
     compressionRatio: 4, totalCompressionRatio: 4, maxAbs: 0.01, rmse: 0.002, relL2: 0.02, snrDb: 34,
     proxy: 'queries', scoresRelL2: 0.01, kl: 1e-4, tv: 0.004, top32Recall: 0.94, top1pctRecall: 1,
-    attnOutRelL2: 0.02, attnOutCosine: 0.9998, sinkMassErr: 5e-4, encodeMBps: 800, decodeMBps: 900, qkMs: 1,
+    attnOutRelL2: 0.02, attnOutCosine: 0.9998, sinkMassErr: 5e-4, headAttnOutRelL2: [0.02], headKl: [1e-4], headTop32Recall: [0.9], encodeMBps: 800, decodeMBps: 900, qkMs: 1,
     pvMs: null, notes: [],
     ...overrides,
   };

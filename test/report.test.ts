@@ -18,7 +18,7 @@ function makeRecord(overrides: Partial<BenchRecord> = {}): BenchRecord {
     breakdown: { payload: 700, scales: 100, zeros: 100, residual: 90, metadata: 10, host: 0 },
     compressionRatio: 4.57, totalCompressionRatio: 4.57, maxAbs: 0.01234, rmse: 0.002, relL2: 0.0213, snrDb: 33.43,
     proxy: 'queries', scoresRelL2: 0.01, kl: 0.000123, tv: 0.004, top32Recall: 0.9375, top1pctRecall: 1,
-    attnOutRelL2: 0.021, attnOutCosine: 0.9997, sinkMassErr: 0.0005, encodeMBps: 812.3, decodeMBps: 45.67, qkMs: 1,
+    attnOutRelL2: 0.021, attnOutCosine: 0.9997, sinkMassErr: 0.0005, headAttnOutRelL2: [0.02, 0.022], headKl: [0.0001, 0.000146], headTop32Recall: [0.9375, 0.9375], encodeMBps: 812.3, decodeMBps: 45.67, qkMs: 1,
     pvMs: null, notes: ['a "quoted" note', 'second'],
     ...overrides,
   };

@@ -24,7 +24,7 @@ function makeRecord(overrides: Partial<BenchRecord> = {}): BenchRecord {
     breakdown: { payload: 8192, scales: 2048, zeros: 2048, residual: 2048, metadata: 0, host: 0 },
     compressionRatio: 65536 / 14336, totalCompressionRatio: 65536 / 14336, maxAbs: 0.5, rmse: 0.1, relL2: 0.12,
     snrDb: 18.4, proxy: 'queries', scoresRelL2: 0.05, kl: 0.002, tv: 0.03, top32Recall: 0.9, top1pctRecall: 0.95,
-    attnOutRelL2: 0.021, attnOutCosine: 0.9998, sinkMassErr: 0.001, encodeMBps: 850, decodeMBps: 1200, qkMs: 0.12,
+    attnOutRelL2: 0.021, attnOutCosine: 0.9998, sinkMassErr: 0.001, headAttnOutRelL2: [0.02, 0.022], headKl: [1e-4, 2e-4], headTop32Recall: [0.9, 1], encodeMBps: 850, decodeMBps: 1200, qkMs: 0.12,
     pvMs: null, notes: [],
     ...overrides,
   };
