@@ -208,3 +208,17 @@ describe('report command', () => {
     await expect(runCli(['--csv', '--json'])).rejects.toThrow(/cannot be used with option/);
   });
 });
+
+describe('renderSideBySide (the bench table)', () => {
+  it('one row per codec setting with K and V figures side by side; host ratios on a second line', async () => {
+    const { renderSideBySide } = await import('../cli/side-by-side.js');
+    const text = renderSideBySide([kiviK, kiviV, kiviLayer0]);
+    const rows = text.split('\n').filter((l) => l.includes('kivi'));
+    expect(rows).toHaveLength(1); // the per-layer record is not a row
+    expect(rows[0]).toContain('4.57× / 4.12×');
+    expect(rows[0]).toContain('2.10% / 1.50%');
+    expect(text).not.toContain('with host');
+    const hosted = renderSideBySide([makeRecord({ hostBytes: 500, totalBytes: 1500, totalCompressionRatio: 3.05 }), kiviV]);
+    expect(hosted).toContain('with host 3.05× / 4.12×');
+  });
+});

@@ -9,6 +9,7 @@ import { describeLayout, openDump, type KvDump } from '../io/dump.js';
 import { native, type CodecInfo } from '../native.js';
 import { expandSweep } from '../sweep.js';
 import { renderJson, renderSummaryLine, renderTable } from '../report-format.js';
+import { renderSideBySide } from '../side-by-side.js';
 import { DEFAULT_RESULTS_DIR, gitCommit, newRunId, writeRecords, type BenchRecord } from '../results.js';
 
 interface BenchOptions {
@@ -131,7 +132,8 @@ async function runBench(files: string[], opts: BenchOptions): Promise<void> {
     process.stdout.write(renderJson(records) + '\n');
     return;
   }
-  process.stdout.write(renderTable(records, { layers: opts.layers, color: process.stdout.isTTY === true }));
+  const color = process.stdout.isTTY === true;
+  process.stdout.write(opts.layers === 'each' ? renderTable(records, { layers: 'each', color }) : renderSideBySide(records, color));
   process.stdout.write('\n' + renderSummaryLine(records));
   say(`\n${records.length} records written to ${file}  (packkv report ${file} --csv)`);
 }
