@@ -3,6 +3,7 @@
 // Encode runs the CPU encoder through host memory (no encode kernels; see docs/kernels.md).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,7 @@
 #include "common/gpu_codec.h"
 #include "common/layout.h"
 #include "packkv/cuda_kernels.cuh"
+#include "packkv/cuda_kernels_v2.cuh"
 #include "packkv/format.h"
 #include "registry.h"
 
@@ -79,7 +81,27 @@ struct Launchers {
   void (*qk)(const Args&, dim3, size_t smem, cudaStream_t);
   void (*pv)(const Args&, dim3, size_t smem, cudaStream_t);
   void (*decode)(const Args&, unsigned grid, cudaStream_t);
+  void (*qk2)(const Args&, dim3, size_t smem, cudaStream_t);
+  void (*pv2)(const Args&, dim3, size_t smem, cudaStream_t);
 };
+
+/** Products kernel version: v2 (staged segments, cuda_kernels_v2.cuh) unless PACKKV_GPU_KERNEL=v1. */
+bool useV2() {
+  static const bool v2 = [] {
+    const char* e = std::getenv("PACKKV_GPU_KERNEL");
+    return !(e && std::string(e) == "v1");
+  }();
+  return v2;
+}
+
+/** Opts a kernel into more than 48 KB of dynamic shared memory (once per size it grows to). */
+template <typename K>
+void allowSmem(K kernel, size_t smem) {
+  static size_t allowed = 48 * 1024;
+  if (smem <= allowed) return;
+  PACKKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  allowed = smem;
+}
 
 template <int P, int NR>
 void launchQk(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
@@ -91,6 +113,18 @@ void launchPv(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
   packkv_gpu::pvKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
   PACKKV_LAUNCH_CHECK();
 }
+template <int P, int NR>
+void launchQk2(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  allowSmem(packkv_gpu::v2::qkKernel<P, NR>, smem);
+  packkv_gpu::v2::qkKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+template <int P, int NR>
+void launchPv2(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  allowSmem(packkv_gpu::v2::pvKernel<P, NR>, smem);
+  packkv_gpu::v2::pvKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
 template <int P>
 void launchDecode(const Args& a, unsigned grid, cudaStream_t st) {
   packkv_gpu::decodeKernel<P><<<grid, kWarps * 32, 0, st>>>(a);
@@ -99,7 +133,7 @@ void launchDecode(const Args& a, unsigned grid, cudaStream_t st) {
 
 template <int P, int NR>
 constexpr Launchers row() {
-  return {launchQk<P, NR>, launchPv<P, NR>, launchDecode<P>};
+  return {launchQk<P, NR>, launchPv<P, NR>, launchDecode<P>, launchQk2<P, NR>, launchPv2<P, NR>};
 }
 
 // [pack 8, 16, 32][query heads per KV head 1, 2, 4, 8]
@@ -181,6 +215,17 @@ void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, fl
   const Launchers& fn = kTable[packIndex(c.pack)][groupIndex(group)];
   const int items = a.nb * a.G + a.Tr;
   if (items == 0) return;
+  if (useV2()) {  // runs of token blocks per block, about 4 blocks per SM over all heads
+    const int splits = std::max(1, std::min(std::max(a.nb, 1), (4 * gpu::multiprocessors() + a.H - 1) / a.H));
+    const dim3 grid(unsigned(splits), unsigned(a.H));
+    const size_t smem = 2 * size_t(packkv_gpu::v2::kBufBytes) + (size_t(group) * a.D + group) * sizeof(float);
+    for (uint32_t n = 0; n < nq; ++n) {
+      a.in = q + size_t(n) * qHeads * a.D;
+      a.out = scores + size_t(n) * qHeads * a.T;
+      fn.qk2(a, grid, smem, l.stream);
+    }
+    return;
+  }
   const int perBlock = kWarps * 4;  // 8-lane groups per block
   const int cap = std::max(1, 8 * gpu::multiprocessors() / a.H);
   const dim3 grid(unsigned(std::min((items + perBlock - 1) / perBlock, cap)), unsigned(a.H));
@@ -209,11 +254,14 @@ void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, fl
   a.partial = reinterpret_cast<float*>(static_cast<uint8_t*>(l.workspace) +
                                        (a.H * sizeof(unsigned) + kCounterBytes - 1) / kCounterBytes * kCounterBytes);
   const dim3 grid(unsigned(a.splits), unsigned(a.H));
-  const size_t smem = size_t(kWarps) * group * a.D * sizeof(float);
+  const bool v2 = useV2() && a.B <= packkv_gpu::v2::kPvSlots;
+  const size_t smem = v2 ? 2 * size_t(packkv_gpu::v2::kBufBytes) +
+                               (2 * size_t(packkv_gpu::v2::kPvSlots) + size_t(kWarps) * a.D) * group * sizeof(float)
+                         : size_t(kWarps) * group * a.D * sizeof(float);
   for (uint32_t n = 0; n < nq; ++n) {
     a.in = p + size_t(n) * qHeads * a.T;
     a.out = out + size_t(n) * qHeads * a.D;
-    fn.pv(a, grid, smem, l.stream);
+    (v2 ? fn.pv2 : fn.pv)(a, grid, smem, l.stream);
   }
 }
 
