@@ -1,7 +1,9 @@
 // Codec test helpers: fp16-exact realistic tensors and decode-then-multiply reference products.
+import { expect } from 'vitest';
+
 import { f16ToF32, f32ToF16 } from '../cli/io/dtype.js';
-import type { KvShape } from '../cli/native.js';
-import { filled, lcg } from './helpers.js';
+import { native, type KvShape } from '../cli/native.js';
+import { filled, lcg, relDiff } from './helpers.js';
 
 /** The value of a binary16 bit pattern. */
 export function half(bits: number): number {
@@ -48,4 +50,16 @@ export function pvRef(v: Float32Array, p: Float32Array, s: KvShape, qHeads: numb
       }
     }
   return out;
+}
+
+/** Fused q·Kᵀ and p·V on the compressed streams equal decode-then-multiply within 1e-5 (relative L2). */
+export async function expectProducts(spec: string, s: KvShape, k: Float32Array, v: Float32Array, qHeads: number, nq: number) {
+  const nat = native();
+  const r = lcg(99);
+  const ke = await nat.encode(spec, 'K', k, s);
+  const ve = await nat.encode(spec, 'V', v, s);
+  const q = filled(nq * qHeads * s.headDim, () => r() * 3);
+  const p = filled(nq * qHeads * s.tokens, () => Math.abs(r()));
+  expect(relDiff(await nat.qk(ke.stream, q, qHeads, nq), qkRef(await nat.decode(ke.stream), q, s, qHeads, nq))).toBeLessThan(1e-5);
+  expect(relDiff(await nat.pv(ve.stream, p, qHeads, nq), pvRef(await nat.decode(ve.stream), p, s, qHeads, nq))).toBeLessThan(1e-5);
 }

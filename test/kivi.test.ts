@@ -2,8 +2,8 @@
 import { describe, expect, it } from 'vitest';
 
 import { native, type KvShape, type TensorKind } from '../cli/native.js';
-import { filled, lcg, relDiff, streamBody } from './helpers.js';
-import { half, asF16, realistic, qkRef, pvRef } from './codec-helpers.js';
+import { filled, relDiff, streamBody } from './helpers.js';
+import { half, asF16, realistic, qkRef, pvRef, expectProducts } from './codec-helpers.js';
 
 const nat = native();
 
@@ -156,17 +156,7 @@ describe('fused products equal decode-then-multiply', () => {
   ];
   for (const [spec, s] of cases) {
     it(`${spec} at [${s.kvHeads}, ${s.tokens}, ${s.headDim}] with GQA (4 query heads per KV head, 3 queries)`, async () => {
-      const qHeads = s.kvHeads * 4;
-      const nq = 3;
-      const r = lcg(99);
-      const k = await nat.encode(spec, 'K', realistic(s, 5), s);
-      const v = await nat.encode(spec, 'V', realistic(s, 6), s);
-      const q = filled(nq * qHeads * s.headDim, () => r() * 3);
-      const p = filled(nq * qHeads * s.tokens, () => Math.abs(r()));
-      const scores = await nat.qk(k.stream, q, qHeads, nq);
-      const out = await nat.pv(v.stream, p, qHeads, nq);
-      expect(relDiff(scores, qkRef(await nat.decode(k.stream), q, s, qHeads, nq))).toBeLessThan(1e-5);
-      expect(relDiff(out, pvRef(await nat.decode(v.stream), p, s, qHeads, nq))).toBeLessThan(1e-5);
+      await expectProducts(spec, s, realistic(s, 5), realistic(s, 6), s.kvHeads * 4, 3);
     });
   }
 

@@ -9,7 +9,7 @@ import { f16ToF32, f32ToF16 } from '../cli/io/dtype.js';
 import { loadLayer, openDump } from '../cli/io/dump.js';
 import { native, type EncodedTensor, type KvShape, type TensorKind } from '../cli/native.js';
 import { filled, lcg, relDiff, streamBody } from './helpers.js';
-import { realistic, qkRef, pvRef } from './codec-helpers.js';
+import { realistic, expectProducts } from './codec-helpers.js';
 
 const nat = native();
 
@@ -320,16 +320,6 @@ describe('repacking', () => {
     }
   });
 });
-
-async function expectProducts(spec: string, s: KvShape, k: Float32Array, v: Float32Array, qHeads: number, nq: number) {
-  const r = lcg(99);
-  const ke = await nat.encode(spec, 'K', k, s);
-  const ve = await nat.encode(spec, 'V', v, s);
-  const q = filled(nq * qHeads * s.headDim, () => r() * 3);
-  const p = filled(nq * qHeads * s.tokens, () => Math.abs(r()));
-  expect(relDiff(await nat.qk(ke.stream, q, qHeads, nq), qkRef(await nat.decode(ke.stream), q, s, qHeads, nq))).toBeLessThan(1e-5);
-  expect(relDiff(await nat.pv(ve.stream, p, qHeads, nq), pvRef(await nat.decode(ve.stream), p, s, qHeads, nq))).toBeLessThan(1e-5);
-}
 
 describe('fused products equal decode-then-multiply', () => {
   const cases: [string, KvShape][] = [
