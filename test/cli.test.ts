@@ -6,15 +6,15 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { main } from '../cli/main.js';
 import { openSafetensors, readTensorF32, readTensorRaw } from '../cli/io/safetensors.js';
 import type { BenchRecord } from '../cli/results.js';
 import {
   absMax, DEFAULT_DUMP, patchedCopy, pkvDataStart, range, tempLeftovers, truncatedCopy, writeDump, writeRawSafetensors,
   type WrittenTensor,
 } from './fixtures.js';
+import { runCli } from './run-cli.js';
 
 const ROOT = join(import.meta.dirname, '..');
 let dir: string;
@@ -41,27 +41,7 @@ interface Run {
 }
 
 /** Runs `packkv ...args` in-process with stdout and stderr captured; process.exit (commander's --help) throws. */
-async function cli(...args: string[]): Promise<Run & { exitCalls: unknown[] }> {
-  const out: string[] = [];
-  const err: string[] = [];
-  const capture = (sink: string[]) => ((chunk: string | Uint8Array) => {
-    sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
-    return true;
-  }) as typeof process.stdout.write;
-  const spies = [
-    vi.spyOn(process.stdout, 'write').mockImplementation(capture(out)),
-    vi.spyOn(process.stderr, 'write').mockImplementation(capture(err)),
-  ];
-  const exit = vi.spyOn(process, 'exit').mockImplementation((code) => {
-    throw new Error(`process.exit(${code})`);
-  });
-  try {
-    const code = await main(['node', 'packkv', ...args]);
-    return { code, out: out.join(''), err: err.join(''), exitCalls: exit.mock.calls.map((c) => c[0]) };
-  } finally {
-    for (const s of [...spies, exit]) s.mockRestore();
-  }
-}
+const cli = runCli;
 
 async function ok(...args: string[]): Promise<Run> {
   const run = await cli(...args);

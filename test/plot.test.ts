@@ -3,11 +3,11 @@
 import { mkdtemp, readdir, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 
-import { main } from '../cli/main.js';
 import { plotData, renderPlot, renderPlotSvg, textWidth } from '../cli/plot.js';
 import { writeRecords, type BenchRecord } from '../cli/results.js';
+import { runCli } from './run-cli.js';
 
 function makeRecord(overrides: Partial<BenchRecord> = {}): BenchRecord {
   return {
@@ -158,24 +158,7 @@ describe('packkv report --plot', () => {
     await rm(dir, { recursive: true, force: true });
   });
 
-  async function cli(...args: string[]): Promise<{ code: number; out: string; err: string }> {
-    const out: string[] = [];
-    const err: string[] = [];
-    const capture = (sink: string[]) => ((chunk: string | Uint8Array) => {
-      sink.push(typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString('utf8'));
-      return true;
-    }) as typeof process.stdout.write;
-    const spies = [
-      vi.spyOn(process.stdout, 'write').mockImplementation(capture(out)),
-      vi.spyOn(process.stderr, 'write').mockImplementation(capture(err)),
-    ];
-    try {
-      const code = await main(['node', 'packkv', ...args]);
-      return { code, out: out.join(''), err: err.join('') };
-    } finally {
-      for (const s of spies) s.mockRestore();
-    }
-  }
+  const cli = runCli;
 
   it('writes the SVG atomically (no temp file left) and prints one line', async () => {
     const file = join(dir, 'rd.svg');
