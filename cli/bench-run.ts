@@ -20,7 +20,10 @@ import type { BenchRecord } from './results.js';
 export interface BenchContext {
   runId: string;
   gitCommit: string | null;
-  /** 'cuda': products and decode run on the GPU for codecs with CUDA kernels (encode stays on the CPU) */
+  /**
+   * 'cuda': encode, decode and the products run on the GPU for codecs with CUDA kernels (the GPU
+   * encoder's bytes are checked against the CPU encoder's stream on every tensor)
+   */
   device: 'cpu' | 'cuda';
   /** timed GPU repeats (median reported) */
   gpuRepeats?: number;
@@ -97,10 +100,19 @@ async function runTensor(spec: string, kind: TensorKind, p: LayerProblem, label:
   const nat = native();
   const { kvHeads, tokens, headDim, qHeads, nQueries } = p.shape;
   const data = kind === 'K' ? p.k : p.v;
-  const [encoded, encodeMs] = await timed(() => nat.encode(spec, kind, data, { kvHeads, tokens, headDim }, label));
+  const [encoded, cpuEncodeMs] = await timed(() => nat.encode(spec, kind, data, { kvHeads, tokens, headDim }, label));
   // On the GPU the times are CUDA-event medians of the kernels alone; on the CPU, wall time of one call.
   // A stream the GPU has no kernels for (e.g. one mode of a per-layer codec) runs on the CPU reference.
   let device: 'cpu' | 'cuda' = gpu ? 'cuda' : 'cpu';
+  let encodeMs = cpuEncodeMs;
+  if (gpu) {
+    // The GPU encoder runs on the same tensor; the addon throws unless its body equals encoded.stream's.
+    try {
+      encodeMs = (await nat.gpuRun('encode', encoded.stream, data, 1, 1, gpu.repeats, label)).medianMs;
+    } catch (e) {
+      if (!/no CUDA kernels/.test((e as Error).message)) throw e;
+    }
+  }
   const onGpuOrCpu = async (op: 'decode' | 'qk' | 'pv', x: Float32Array | null): Promise<[Float32Array, number]> => {
     if (device === 'cuda') {
       try {

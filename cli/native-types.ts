@@ -102,9 +102,11 @@ export interface NativeAddon {
   /**
    * Runs decode / q·Kᵀ / p·V on the GPU over the stream's body (x as for qk/pv, converted to
    * fp16; null for decode): 3 warm-up runs, then `repeats` timed with CUDA events. Output buffers
-   * are poisoned with NaN before each run; an unwritten output rejects.
+   * are poisoned with NaN before each run; an unwritten output rejects. 'encode': x is the tensor
+   * the stream was encoded from; the GPU encoder's body and byte breakdown must equal the stream's
+   * (the CPU encoder's), else it rejects naming the first differing byte; `result` is empty.
    */
-  gpuRun(op: 'decode' | 'qk' | 'pv', stream: Uint8Array, x: Float32Array | null, qHeads: number, nQueries: number, repeats: number, label?: string): Promise<GpuRunResult>;
+  gpuRun(op: 'decode' | 'qk' | 'pv' | 'encode', stream: Uint8Array, x: Float32Array | null, qHeads: number, nQueries: number, repeats: number, label?: string): Promise<GpuRunResult>;
 }
 
 export interface GpuRunResult {

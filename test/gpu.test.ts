@@ -41,6 +41,9 @@ describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`
       const ev = await nat.encode(spec, 'V', v, shape);
       const q16 = asF16(q!);
       const p = asF16(filled(dump.nQueries * dump.heads * dump.tokens, (i) => ((i * 7919) % 1000) / 1000 / dump.tokens));
+      // gpuRun('encode') rejects unless the GPU encoder's body equals the CPU encoder's byte for byte.
+      await nat.gpuRun('encode', ek.stream, k, 1, 1, 1);
+      await nat.gpuRun('encode', ev.stream, v, 1, 1, 1);
       for (const e of [ek, ev]) {
         const g = await nat.gpuRun('decode', e.stream, null, 1, 1, 1);
         expect(Buffer.from(g.result.buffer).equals(Buffer.from((await nat.decode(e.stream)).buffer))).toBe(true);
@@ -63,8 +66,21 @@ describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`
     // cuBLAS (the fp16 baseline) sums p·V over thousands of tokens in its own order: 2.5e-5 was
     // measured at 4100 tokens. Our fused kernels are held to 1e-5.
     const tolerance = spec === 'fp16' ? 1e-4 : 1e-5;
+    await nat.gpuRun('encode', ek.stream, x, 1, 1, 1);
+    await nat.gpuRun('encode', ev.stream, x, 1, 1, 1);
     expect(relDiff((await nat.gpuRun('qk', ek.stream, q, 32, 2, 1)).result, await nat.qk(ek.stream, q, 32, 2))).toBeLessThan(tolerance);
     expect(relDiff((await nat.gpuRun('pv', ev.stream, p, 32, 2, 1)).result, await nat.pv(ev.stream, p, 32, 2))).toBeLessThan(tolerance);
+  });
+
+  it('GPU encode is checked: a tensor that differs from the stream\'s source is reported at its first byte', async () => {
+    const shape = { kvHeads: 2, tokens: 300, headDim: 64 };
+    const r = lcg(5);
+    const x = asF16(filled(2 * 300 * 64, () => r()));
+    const e = await nat.encode('fp16', 'K', x, shape);
+    const y = x.slice();
+    y[70] += 0.5;  // fp16 body = the values in order: value 70 is bytes 140..141
+    await expect(nat.gpuRun('encode', e.stream, y, 1, 1, 1)).rejects.toThrow(/differs from the CPU encoder at body byte 14[01] of 76800/);
+    await expect(nat.gpuRun('encode', e.stream, x.subarray(1), 1, 1, 1)).rejects.toThrow('the input has 38399 values');
   });
 
   it('tailorkv mode=s: GPU decode equals the CPU, its products are refused with the reason', async () => {

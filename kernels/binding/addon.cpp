@@ -285,7 +285,8 @@ Napi::Value Product(const Napi::CallbackInfo& info, bool keys) {
   return w->promise();
 }
 
-// gpuRun(op: 'decode'|'qk'|'pv', stream, x: Float32Array|null, qHeads, nQueries, repeats, label?)
+// gpuRun(op: 'decode'|'qk'|'pv'|'encode', stream, x: Float32Array|null, qHeads, nQueries, repeats, label?)
+// 'encode': x is the tensor the stream was encoded from; the GPU body must equal the stream's.
 Napi::Value GpuRunFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   std::string label = labelOf(info, 6);
@@ -293,7 +294,8 @@ Napi::Value GpuRunFn(const Napi::CallbackInfo& info) {
   binding::GpuOp op = opName == "decode" ? binding::GpuOp::Decode
                       : opName == "qk"   ? binding::GpuOp::Qk
                       : opName == "pv"   ? binding::GpuOp::Pv
-                                         : throw Napi::TypeError::New(env, "gpuRun: op must be 'decode', 'qk' or 'pv'");
+                      : opName == "encode" ? binding::GpuOp::Encode
+                                         : throw Napi::TypeError::New(env, "gpuRun: op must be 'decode', 'qk', 'pv' or 'encode'");
   if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
     throw Napi::TypeError::New(env, label + "stream must be a Uint8Array");
   auto stream = info[1].As<Napi::Uint8Array>();
@@ -301,12 +303,15 @@ Napi::Value GpuRunFn(const Napi::CallbackInfo& info) {
   size_t xLen = 0;
   if (op != binding::GpuOp::Decode) {
     if (!info[2].IsTypedArray() || info[2].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array)
-      throw Napi::TypeError::New(env, label + (op == binding::GpuOp::Qk ? "q" : "p") + " must be a Float32Array");
+      throw Napi::TypeError::New(env, label + (op == binding::GpuOp::Qk   ? "q"
+                                               : op == binding::GpuOp::Pv ? "p"
+                                                                          : "x") + " must be a Float32Array");
     x = info[2].As<Napi::Float32Array>().Data();
     xLen = info[2].As<Napi::Float32Array>().ElementLength();
   }
-  uint32_t qHeads = op == binding::GpuOp::Decode ? 1 : positiveInt(env, info[3], "qHeads");
-  uint32_t nq = op == binding::GpuOp::Decode ? 1 : positiveInt(env, info[4], "nQueries");
+  const bool product = op == binding::GpuOp::Qk || op == binding::GpuOp::Pv;
+  uint32_t qHeads = product ? positiveInt(env, info[3], "qHeads") : 1;
+  uint32_t nq = product ? positiveInt(env, info[4], "nQueries") : 1;
   int repeats = int(positiveInt(env, info[5], "repeats"));
   const uint8_t* bytes = stream.Data();
   size_t n = stream.ByteLength();

@@ -55,6 +55,64 @@ struct Events {
   }
 };
 
+/** Median and minimum of the timed samples. */
+void summarize(std::vector<float> times, GpuRun& run) {
+  std::sort(times.begin(), times.end());
+  run.repeats = int(times.size());
+  run.medianMs = times.empty() ? 0 : times[times.size() / 2];
+  run.minMs = times.empty() ? 0 : times.front();
+}
+
+bool sameBreakdown(const Breakdown& a, const Breakdown& b) {
+  return a.payload == b.payload && a.scales == b.scales && a.zeros == b.zeros && a.residual == b.residual &&
+         a.metadata == b.metadata && a.host == b.host;
+}
+
+/** GpuOp::Encode (see gpu_ops.h): times the codec's GPU encoder and checks it against the stream. */
+GpuRun encodeOnGpu(const StreamView& host, const float* x, size_t xLen, int repeats, const std::string& device) {
+  const Shape& sh = host.header.shape;
+  const std::string who = "GPU encode of codec '" + host.header.codec + "' (" + kindName(host.header.kind) + ")";
+  if (xLen != sh.elements())
+    throw CodecError(who + ": the input has " + std::to_string(xLen) + " values, the stream's shape " +
+                     std::to_string(sh.elements()));
+  const gpu::GpuCodecDef* codec = gpu::findGpuCodec(host.header.codec);
+  const size_t room = std::max<size_t>(codec->bodyBytes(sh, host.header.kind, host.params), host.bodyBytes);
+  // Encoders keep their error flags in the workspace (KIVI's) or allocate their own scratch.
+  const size_t wsBytes = std::max<size_t>(gpu::workspaceBytes(host, 1), 256);
+  DeviceBuffer input(xLen * sizeof(float)), body(room), workspace(wsBytes);
+  if (xLen) PACKKV_CUDA_CHECK(cudaMemcpy(input.ptr, x, xLen * sizeof(float), cudaMemcpyHostToDevice));
+  PACKKV_CUDA_CHECK(cudaMemset(workspace.ptr, 0, wsBytes));
+  gpu::Launch launch{nullptr, workspace.ptr, wsBytes};
+  Events ev;
+  std::vector<float> times;
+  std::vector<uint8_t> got(host.bodyBytes);
+  const int warmup = 1;
+  for (int i = 0; i < warmup + repeats; ++i) {
+    if (room) PACKKV_CUDA_CHECK(cudaMemset(body.ptr, 0xA5, room));  // unwritten bytes fail the check
+    PACKKV_CUDA_CHECK(cudaEventRecord(ev.start, launch.stream));
+    Breakdown b = codec->encode(input.as<float>(), sh, host.header.kind, host.params, body.as<uint8_t>(), launch);
+    PACKKV_CUDA_CHECK(cudaEventRecord(ev.stop, launch.stream));
+    PACKKV_CUDA_CHECK(cudaEventSynchronize(ev.stop));
+    PACKKV_CUDA_CHECK(cudaGetLastError());
+    float ms = 0;
+    PACKKV_CUDA_CHECK(cudaEventElapsedTime(&ms, ev.start, ev.stop));
+    if (i >= warmup) times.push_back(ms);
+    if (i == 0) {
+      if (!got.empty()) PACKKV_CUDA_CHECK(cudaMemcpy(got.data(), body.ptr, got.size(), cudaMemcpyDeviceToHost));
+      auto diff = std::mismatch(got.begin(), got.end(), host.body);
+      if (diff.first != got.end())
+        throw CodecError(who + " differs from the CPU encoder at body byte " +
+                         std::to_string(diff.first - got.begin()) + " of " + std::to_string(got.size()));
+      if (!sameBreakdown(b, host.header.breakdown))
+        throw CodecError(who + ": its byte breakdown differs from the CPU encoder's");
+    }
+  }
+  GpuRun run;
+  summarize(std::move(times), run);
+  run.device = device;
+  return run;
+}
+
 }  // namespace
 
 std::vector<std::string> gpuCodecNames() {
@@ -71,6 +129,7 @@ GpuRun runOnGpu(GpuOp op, const uint8_t* stream, size_t streamBytes, const float
   if (!gpu::findGpuCodec(host.header.codec))
     throw CodecError("codec '" + host.header.codec + "' has no CUDA kernels in this build");
   const Shape& sh = host.header.shape;
+  if (op == GpuOp::Encode) return encodeOnGpu(host, x, xLen, repeats, st.device);
   size_t outLen = op == GpuOp::Decode ? sh.elements()
                   : op == GpuOp::Qk   ? size_t(nq) * qHeads * sh.tokens
                                       : size_t(nq) * qHeads * sh.dim;
@@ -94,6 +153,7 @@ GpuRun runOnGpu(GpuOp op, const uint8_t* stream, size_t streamBytes, const float
       case GpuOp::Decode: gpu::decodeStream(dev, out.as<float>(), launch); break;
       case GpuOp::Qk: gpu::qkStream(dev, input.as<uint16_t>(), qHeads, nq, out.as<float>(), launch); break;
       case GpuOp::Pv: gpu::pvStream(dev, input.as<uint16_t>(), qHeads, nq, out.as<float>(), launch); break;
+      case GpuOp::Encode: break;  // encodeOnGpu above
     }
   };
   Events ev;
@@ -118,10 +178,7 @@ GpuRun runOnGpu(GpuOp op, const uint8_t* stream, size_t streamBytes, const float
   if (unwritten)
     throw CodecError("GPU " + std::string(op == GpuOp::Decode ? "decode" : op == GpuOp::Qk ? "q·Kᵀ" : "p·V") + " of codec '" +
                      host.header.codec + "' left " + std::to_string(unwritten) + " outputs unwritten (NaN)");
-  std::sort(times.begin(), times.end());
-  run.repeats = int(times.size());
-  run.medianMs = times.empty() ? 0 : times[times.size() / 2];
-  run.minMs = times.empty() ? 0 : times.front();
+  summarize(std::move(times), run);
   run.device = st.device;
   return run;
 }

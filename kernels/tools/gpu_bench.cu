@@ -18,6 +18,7 @@
 #include <map>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "common/cublas_dl.h"
@@ -118,12 +119,18 @@ CheckResult check(const Prepared& p, const std::vector<float>& x, const DeviceBu
   const gpu::GpuCodecDef* codec = gpu::findGpuCodec(p.spec.codec->name);
   DeviceBuffer xs(x.size() * sizeof(float));
   xs.upload(x.data(), xs.bytes);
-  DeviceBuffer encoded(p.hostView.bodyBytes);
+  // The codec's bodyBytes is an upper bound where the body's size depends on the data (Huffman
+  // codes, pack widths): the encoder gets that much room, and its first bytes must be the CPU body.
+  const size_t room = std::max<size_t>(codec->bodyBytes(sh, p.kind, p.spec.params), p.hostView.bodyBytes);
+  DeviceBuffer encoded(room);
   PACKKV_CUDA_CHECK(cudaMemset(encoded.ptr, 0xA5, encoded.bytes));  // unwritten bytes show up
-  codec->encode(static_cast<const float*>(xs.ptr), sh, p.kind, p.spec.params, static_cast<uint8_t*>(encoded.ptr), launch);
+  Breakdown gotParts = codec->encode(static_cast<const float*>(xs.ptr), sh, p.kind, p.spec.params,
+                                     static_cast<uint8_t*>(encoded.ptr), launch);
   std::vector<uint8_t> gotBody = encoded.download<uint8_t>();
-  r.encodeExact = gotBody.size() == p.hostView.bodyBytes &&
-                  std::memcmp(gotBody.data(), p.hostView.body, gotBody.size()) == 0;
+  const Breakdown& want = p.hostView.header.breakdown;
+  r.encodeExact = std::memcmp(gotBody.data(), p.hostView.body, p.hostView.bodyBytes) == 0 &&
+                  gotParts.payload == want.payload && gotParts.scales == want.scales && gotParts.zeros == want.zeros &&
+                  gotParts.residual == want.residual && gotParts.metadata == want.metadata && gotParts.host == want.host;
   PACKKV_CUDA_CHECK(cudaStreamSynchronize(stream));
   return r;
 }
@@ -200,6 +207,42 @@ Timing timeProduct(const Prepared& p, const DeviceBuffer& inputF16, uint32_t qHe
   if (exec) cudaGraphExecDestroy(exec);
   if (graph) cudaGraphDestroy(graph);
   return t;
+}
+
+/** Median GPU encode (f32 x in device memory → body) and decode (body → f32) times in µs. Encoders
+ *  may synchronize (to read error flags or a data-dependent size), so each run is timed alone. */
+std::pair<double, double> timeEncodeDecode(const Prepared& p, const std::vector<float>& x, int repeats,
+                                           cudaStream_t stream) {
+  const Shape& sh = p.hostView.header.shape;
+  const gpu::GpuCodecDef* codec = gpu::findGpuCodec(p.spec.codec->name);
+  DeviceBuffer xs(x.size() * sizeof(float)), body(std::max<size_t>(codec->bodyBytes(sh, p.kind, p.spec.params),
+                                                                   p.hostView.bodyBytes));
+  xs.upload(x.data(), xs.bytes);
+  DeviceBuffer src(p.hostView.bodyBytes), out(sh.elements() * sizeof(float));
+  src.upload(p.hostView.body, p.hostView.bodyBytes);
+  StreamView dv = deviceView(p, src);
+  DeviceBuffer ws(std::max<size_t>(gpu::workspaceBytes(dv, 1), 256));
+  ws.zero();
+  gpu::Launch launch{stream, ws.ptr, ws.bytes};
+  EventPair ev;
+  auto median_us = [&](const std::function<void()>& once) {
+    once();  // warm-up
+    PACKKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::vector<double> samples;
+    for (int r = 0; r < repeats; ++r) {
+      PACKKV_CUDA_CHECK(cudaEventRecord(ev.start, stream));
+      once();
+      PACKKV_CUDA_CHECK(cudaEventRecord(ev.stop, stream));
+      PACKKV_CUDA_CHECK(cudaEventSynchronize(ev.stop));
+      samples.push_back(ev.elapsedMs() * 1000.0);
+    }
+    return median(samples);
+  };
+  double enc = median_us([&] {
+    codec->encode(static_cast<const float*>(xs.ptr), sh, p.kind, p.spec.params, static_cast<uint8_t*>(body.ptr), launch);
+  });
+  double dec = median_us([&] { gpu::decodeStream(dv, static_cast<float*>(out.ptr), launch); });
+  return {enc, dec};
 }
 
 /** KIVI runs its tensor-core kernels by default; "simt" selects the CUDA-core ones to compare. */
@@ -330,14 +373,17 @@ int run(int argc, char** argv) {
                         graphs ? base.graphUs : base.directUs, copyGBps, ck.productRelL2, ck.productFinite,
                         ck.decodeExact, ck.encodeExact);
         r.directUs = tm.directUs, r.graphUs = tm.graphUs, r.timedWith = graphs ? "graph" : "direct";
+        if (!*variant) std::tie(r.encodeUs, r.decodeUs) =
+            timeEncodeDecode(prep, isKey ? in.keys : in.values, std::min(opt.repeats, 10), stream);
         r.tolerance = toleranceOf(prep.spec.codec->name);
         allOk = allOk && r.ok();
         rows.push_back(r);
         jsonl << rowJson(r, dev, opt.commit, copyGBps) << "\n";
         jsonl.flush();
-        std::printf("  %-44s %s T=%-6u graph %9.2f us direct %9.2f us  x%-5.2f  relL2 %.1e  dec %s enc %s  (%d copies)\n",
+        std::printf("  %-44s %s T=%-6u graph %9.2f us direct %9.2f us  x%-5.2f  relL2 %.1e  dec %s enc %s  (%d copies)"
+                    "  encode %.1f us, decode %.1f us\n",
                     r.codec.c_str(), kindName(r.kind), T, tm.graphUs, tm.directUs, r.speedup, ck.productRelL2,
-                    ck.decodeExact ? "=" : "X", ck.encodeExact ? "=" : "X", tm.copies);
+                    ck.decodeExact ? "=" : "X", ck.encodeExact ? "=" : "X", tm.copies, r.encodeUs, r.decodeUs);
       }
       setVariant("");
     }

@@ -207,7 +207,11 @@ struct Row {
   int copies;
   bool finite, decodeExact, encodeExact;
   double directUs = NAN, graphUs = NAN;
+  double encodeUs = NAN, decodeUs = NAN;  // GPU encode of the f32 tensor / decode to f32, median
   std::string timedWith;
+  /** Encode / decode throughput in GB/s of the fp16 tensor (what the cache holds uncompressed). */
+  double encodeGBps() const { return fp16Bytes / (encodeUs * 1e-6) / 1e9; }
+  double decodeGBps() const { return fp16Bytes / (decodeUs * 1e-6) / 1e9; }
   double tolerance = 1e-5;  // relative L2 vs the CPU reference
   bool ok() const { return finite && relL2 < tolerance && decodeExact && encodeExact; }
 };
@@ -247,6 +251,8 @@ inline std::string rowJson(const Row& r, const DeviceInfo& d, const std::string&
     << ",\"copies\":" << r.copies << ",\"fp16TimeUs\":" << num(r.fp16Us, "%.3f") << ",\"speedup\":" << num(r.speedup)
     << ",\"bytesRead\":" << r.bytesRead << ",\"bytesWritten\":" << r.bytesWritten << ",\"readGBps\":"
     << num(r.readGBps, "%.1f") << ",\"copyGBps\":" << num(copyGBps, "%.1f") << ",\"pctCopy\":" << num(r.pctCopy, "%.1f")
+    << ",\"encodeUs\":" << num(r.encodeUs, "%.3f") << ",\"encodeGBps\":" << num(r.encodeGBps(), "%.1f")
+    << ",\"decodeUs\":" << num(r.decodeUs, "%.3f") << ",\"decodeGBps\":" << num(r.decodeGBps(), "%.1f")
     << ",\"relL2\":" << num(r.relL2, "%.3e") << ",\"tolerance\":" << num(r.tolerance) << ",\"finite\":" << b(r.finite) << ",\"decodeExact\":"
     << b(r.decodeExact) << ",\"encodeExact\":" << b(r.encodeExact) << "}";
   return o.str();
@@ -255,19 +261,24 @@ inline std::string rowJson(const Row& r, const DeviceInfo& d, const std::string&
 /** One line per codec x tokens: K and V side by side (Markdown, pasted into BENCHMARKS.md). */
 inline void printTable(const std::vector<Row>& rows, const DeviceInfo& d, double copyGBps) {
   std::printf("\n%s, copy %.0f GB/s; time = median us; x = speed-up vs cuBLAS fp16 in the same run;\n"
-              "GB/s = stream + q/p bytes read / time; %%copy = (read + written) / time / copy bandwidth\n\n",
+              "GB/s = stream + q/p bytes read / time; %%copy = (read + written) / time / copy bandwidth;\n"
+              "enc/dec = GPU encode (f32 in) / decode (f32 out) throughput in GB/s of the fp16 tensor, K/V\n\n",
               d.name.c_str(), copyGBps);
-  std::printf("| codec | tokens | ratio K/V | K us | K x | K GB/s | K %%copy | V us | V x | V GB/s | V %%copy | check |\n");
-  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+  std::printf("| codec | tokens | ratio K/V | K us | K x | K GB/s | K %%copy | V us | V x | V GB/s | V %%copy | enc GB/s | dec GB/s | check |\n");
+  std::printf("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
   for (const Row& k : rows) {
     if (k.kind != TensorKind::Key) continue;
     auto v = std::find_if(rows.begin(), rows.end(), [&](const Row& r) {
       return r.kind == TensorKind::Value && r.codec == k.codec && r.shape.tokens == k.shape.tokens;
     });
     if (v == rows.end()) continue;
-    std::printf("| %s | %u | %.2f/%.2f | %.1f | %.2f | %.0f | %.0f | %.1f | %.2f | %.0f | %.0f | %s |\n",
+    auto pair = [](double a, double b) {  // "-" where not timed (kernel variants)
+      return std::isfinite(a) && std::isfinite(b) ? num(a, "%.0f") + "/" + num(b, "%.0f") : std::string("-");
+    };
+    std::printf("| %s | %u | %.2f/%.2f | %.1f | %.2f | %.0f | %.0f | %.1f | %.2f | %.0f | %.0f | %s | %s | %s |\n",
                 k.codec.c_str(), k.shape.tokens, k.ratio, v->ratio, k.us, k.speedup, k.readGBps, k.pctCopy, v->us,
-                v->speedup, v->readGBps, v->pctCopy, k.ok() && v->ok() ? "ok" : "FAIL");
+                v->speedup, v->readGBps, v->pctCopy, pair(k.encodeGBps(), v->encodeGBps()).c_str(),
+                pair(k.decodeGBps(), v->decodeGBps()).c_str(), k.ok() && v->ok() ? "ok" : "FAIL");
   }
 }
 
