@@ -147,6 +147,12 @@ uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) { return la
 constexpr size_t kFlagBytes = 256;  // encode's error flag, then the p·V counters, then partials
 
 /** p·V splits: about four blocks per multiprocessor over all heads, 128-token multiples. */
+/** PACKKV_KIVI_PV_PIPE=0 turns the cp.async pipeline of the tensor-core p·V off (to compare). */
+bool pvPipeAllowed() {
+  const char* v = std::getenv("PACKKV_KIVI_PV_PIPE");
+  return !(v && std::strcmp(v, "0") == 0);
+}
+
 void pvSplits(const Layout& l, uint32_t heads, int* splits, int* splitTokens) {
   if (l.quantTokens == 0) {
     *splits = 0, *splitTokens = 128;
@@ -283,6 +289,8 @@ void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, fl
     a.out = out + size_t(n) * qHeads * sh.dim;
     a.vec = lay.quantTokens % 4 == 0 && sh.tokens % 4 == 0 && aligned(a.codes, 16) && aligned(a.scales, 8) &&
             aligned(a.mins, 8) && aligned(a.p, 8);
+    a.pipe = lay.quantTokens % 8 == 0 && sh.tokens % 8 == 0 && aligned(a.codes, 16) && aligned(a.scales, 16) &&
+             aligned(a.mins, 16) && aligned(a.p, 16) && pvPipeAllowed();
     fn.pv(a, int(sh.heads), l.stream);
   }
 }

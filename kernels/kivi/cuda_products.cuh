@@ -151,6 +151,7 @@ struct PvArgs {
   int D, T, Tq, Trem, G;
   int splits, splitTokens;  // quantized token ranges (splitTokens a multiple of 128)
   bool vec;                 // 16/8-byte loads aligned (Tq and T multiples of 4, aligned sections)
+  bool pipe;                // cp.async staging (Tq and T multiples of 8, 16-byte aligned sections)
 };
 
 /** Four tokens of one lane's channel chunk; VEC: 16/8-byte loads of 4 valid tokens. */
