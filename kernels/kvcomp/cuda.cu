@@ -12,19 +12,25 @@
 // into every query head of the GQA group (q or p·scale read once from shared memory as a
 // broadcast). The decoded tensor never touches global memory.
 //   q·Kᵀ: score[t] = scale_b · Σ_d q_d (c_td + zp_b), one thread per token; fp16 tail tokens by
-//         extra blocks.
-//   p·V:  out[d] = Σ_t (p_t scale_t)(c_td + zp_t), one thread per channel, fp32 partial sums per
-//         block in the workspace, then a small kernel adds them (and the fp16 tail) in fixed order.
-// encode is not a GPU kernel: it round-trips through the CPU encoder (cpu.cpp), which is what makes
-// its bytes identical; bodyBytes() is an upper bound, since a Huffman body's size depends on data.
+//         extra blocks, a warp per token (lanes over channels, shuffle sums).
+//   p·V:  out[d] = Σ_t (p_t scale_t)(c_td + zp_t), one thread per channel; extra blocks take the
+//         fp16 tail in 32-token chunks; each block writes one [G][D] partial (its slots added in
+//         order) to the workspace, then a reduce kernel (a block per head and query head, 1024
+//         threads, loads batched ahead of the zeroing stores) adds them in fixed order.
+// The decode loop takes codes two at a time between bit-buffer refills (two codes <= 24 bits), so
+// its one divergent branch runs once per pair: the loop is bound by instructions per code.
+// encode runs on the GPU (cuda_encode.cuh), byte for byte cpu.cpp's body; bodyBytes() is an upper
+// bound, since a Huffman body's size depends on data.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "common/cuda_check.h"
 #include "common/gpu_codec.h"
 #include "common/layout.h"
+#include "kvcomp/cuda_encode.cuh"
 #include "kvcomp/cuda_huffman.cuh"
 #include "kvcomp/format.h"
 #include "registry.h"
@@ -50,10 +56,12 @@ struct Args {
   Geometry g;
   uint32_t T;
   uint32_t spb, capWords, alphaLimit, nx;
+  uint32_t ntail;        // p·V: blocks per KV head over the fp16 tail (after the nx coded ones)
+  uint32_t n1max;        // bits of the first-level decode table (0: full table only)
   uint32_t wOff, stOff;  // byte offsets of the weights and the staging area in shared memory
   const uint16_t* in;    // q f16 [qHeads][D] or p f16 [qHeads][T] of this query step
   float* out;            // scores [qHeads][T], p·V out [qHeads][D], or the decoded tensor
-  float* partial;        // p·V: f32 [heads][nx][spb][G][D]
+  float* partial;        // p·V: f32 [heads][nx + ntail][G][D], one slice per block
 };
 
 // ---- device pieces ---------------------------------------------------------------------------
@@ -64,10 +72,10 @@ __device__ __forceinline__ uint32_t rawWidthD(uint32_t alphabet) {
   return w;
 }
 
-/** Per block, once: the stream's layout and its decode table in shared memory. */
-__device__ void prologue(const Args& a, kg::DevLayout& lay, uint32_t& L, uint32_t& w) {
+/** Per block, once: the stream's layout and its decode tables in shared memory. */
+__device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint32_t& w) {
   lay = kg::layoutFromHeader(a.body, a.g.units, a.g.segments, a.g.vecsPerSeg);
-  L = min(max(lay.maxLength, 1u), 12u);
+  const uint32_t L = min(max(lay.maxLength, 1u), 12u);
   w = rawWidthD(lay.alphabet);
   const uint32_t A = min(min(lay.alphabet, a.alphaLimit), kg::kMaxAlphabet);
   uint16_t* table = reinterpret_cast<uint16_t*>(kvcSmem);
@@ -85,6 +93,27 @@ __device__ void prologue(const Args& a, kg::DevLayout& lay, uint32_t& L, uint32_
   __syncthreads();
   kg::tableFill(tid, n, L, ts, sorted, table);
   __syncthreads();
+  lk.table = table;
+  lk.L = L;
+  lk.lane2 = 2 * (tid & 31);
+  lk.t1 = nullptr;
+  lk.n1 = 0;
+  if (a.n1max) {
+    uint32_t* t1 = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + kScratchBytes);
+    lk.n1 = kg::firstLevelBits(L, a.n1max);
+    kg::tableFirstLevel(tid, n, L, lk.n1, table, t1);
+    lk.t1 = reinterpret_cast<const uint16_t*>(t1);
+    __syncthreads();
+  }
+}
+
+/** One vector through the right decoder: raw w-bit fields, first-level + full table, or full table. */
+template <typename Sink>
+__device__ __forceinline__ void walk(bool raw, const uint32_t* st, uint32_t capWords, uint32_t bit, uint32_t n,
+                                     const kg::Lookup& lk, uint32_t w, Sink&& sink) {
+  if (raw) kg::walkVector<true, false>(st, capWords, bit, n, lk, w, sink);
+  else if (lk.t1) kg::walkVector<false, true>(st, capWords, bit, n, lk, w, sink);
+  else kg::walkVector<false, false>(st, capWords, bit, n, lk, w, sink);
 }
 
 /** Copies segment `seg` into st (threads v of nv of its slot); returns its first bit in st. */
@@ -163,32 +192,47 @@ __device__ __forceinline__ float tailAt(const Args& a, uint32_t h, uint32_t t, u
 
 // ---- q·Kᵀ ------------------------------------------------------------------------------------
 
+/** fp16 tail tokens of KV head h, a warp per token: lanes over channels, shuffle sums per head. */
+template <int G>
+__device__ void qkTail(const Args& a, const float* qs, uint32_t h) {
+  const uint32_t lane = threadIdx.x & 31, warps = blockDim.x / 32, D = a.g.dim;
+  for (uint32_t t = (blockIdx.x - a.nx) * warps + threadIdx.x / 32; t < a.g.tailTokens;
+       t += (gridDim.x - a.nx) * warps) {
+    float acc[G] = {};
+    for (uint32_t d = lane; d < D; d += 32) {
+      const float x = tailAt(a, h, t, d);
+      float wq[G];
+      loadWeights<G>(qs + d * G, wq);
+#pragma unroll
+      for (int j = 0; j < G; ++j) acc[j] = fmaf(wq[j], x, acc[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < G; ++j)
+      for (uint32_t o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+    if (lane < G) {
+      float mine = acc[0];
+#pragma unroll
+      for (int j = 1; j < G; ++j) mine = lane == uint32_t(j) ? acc[j] : mine;
+      a.out[(size_t(h) * G + lane) * a.T + a.g.codedTokens + t] = mine;
+    }
+  }
+}
+
 template <int G>
 __global__ void __launch_bounds__(1024) qkKernel(Args a) {
   const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, T = a.T;
   float* qs = reinterpret_cast<float*>(kvcSmem + a.wOff);  // [D][G]
   for (uint32_t idx = tid; idx < D * G; idx += blockDim.x)
     qs[idx] = kg::halfBitsToFloat(a.in[(size_t(h) * G + idx % G) * D + idx / G]);
-  if (blockIdx.x >= a.nx) {  // fp16 tail tokens, one per thread
+  if (blockIdx.x >= a.nx) {  // fp16 tail tokens
     __syncthreads();
-    const uint32_t t = (blockIdx.x - a.nx) * blockDim.x + tid;
-    if (t >= a.g.tailTokens) return;
-    float acc[G] = {};
-    for (uint32_t d = 0; d < D; ++d) {
-      const float x = tailAt(a, h, t, d);
-      float w[G];
-      loadWeights<G>(qs + d * G, w);
-#pragma unroll
-      for (int j = 0; j < G; ++j) acc[j] = fmaf(w[j], x, acc[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < G; ++j) a.out[(size_t(h) * G + j) * T + a.g.codedTokens + t] = acc[j];
+    qkTail<G>(a, qs, h);
     return;
   }
   kg::DevLayout lay;
-  uint32_t L, w;
-  prologue(a, lay, L, w);
-  const uint16_t* table = reinterpret_cast<const uint16_t*>(kvcSmem);
+  kg::Lookup lk;
+  uint32_t w;
+  prologue(a, lay, lk, w);
   uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;
   uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
@@ -215,8 +259,7 @@ __global__ void __launch_bounds__(1024) qkKernel(Args a) {
 #pragma unroll
       for (int j = 0; j < G; ++j) acc[j] = fmaf(wq[j], c, acc[j]);
     };
-    if (raw) kg::walkVector<true>(st, a.capWords, bit, D, table, L, w, sink);
-    else kg::walkVector<false>(st, a.capWords, bit, D, table, L, w, sink);
+    walk(raw, st, a.capWords, bit, D, lk, w, sink);
     const uint32_t t = b * a.g.block + v;
 #pragma unroll
     for (int j = 0; j < G; ++j) a.out[(size_t(h) * G + j) * T + t] = __fmul_rn(sc, acc[j]);
@@ -225,20 +268,54 @@ __global__ void __launch_bounds__(1024) qkKernel(Args a) {
 
 // ---- p·V -------------------------------------------------------------------------------------
 
+constexpr uint32_t kPvTailChunk = 32;  // fp16 tail tokens per p·V tail block
+
+/**
+ * Writes this block's [G][D] partial: the slots' sums added in slot order (deterministic) through
+ * shared memory at `red` (spb * G * D floats, free by now).
+ */
+template <int G>
+__device__ void pvWritePartial(const Args& a, uint32_t h, const float (&acc)[G], float* red) {
+  const uint32_t D = a.g.dim, slot = threadIdx.x / D, d = threadIdx.x % D;
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < G; ++j) red[(size_t(slot) * G + j) * D + d] = acc[j];
+  __syncthreads();
+  float* out = a.partial + (size_t(h) * (a.nx + a.ntail) + blockIdx.x) * G * D;
+  for (uint32_t idx = threadIdx.x; idx < G * D; idx += blockDim.x) {
+    float sum = red[idx];
+    for (uint32_t k = 1; k < a.spb; ++k) sum += red[size_t(k) * G * D + idx];
+    out[idx] = sum;
+  }
+}
+
 template <int G>
 __global__ void __launch_bounds__(1024) pvKernel(Args a) {
   const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, B = a.g.block, T = a.T;
+  float acc[G] = {};
+  if (blockIdx.x >= a.nx) {  // fp16 tail tokens: slot k of chunk c takes tokens c*32 + k, + spb, ...
+    const uint32_t slot = tid / D, d = tid % D, t0 = (blockIdx.x - a.nx) * kPvTailChunk;
+    const uint32_t t1 = min(t0 + kPvTailChunk, a.g.tailTokens);
+    const uint16_t* pr = a.in + size_t(h) * G * T + a.g.codedTokens;
+#pragma unroll 4
+    for (uint32_t t = t0 + slot; t < t1; t += a.spb) {
+      const float x = tailAt(a, h, t, d);
+#pragma unroll
+      for (int j = 0; j < G; ++j) acc[j] = fmaf(kg::halfBitsToFloat(__ldg(pr + size_t(j) * T + t)), x, acc[j]);
+    }
+    pvWritePartial<G>(a, h, acc, reinterpret_cast<float*>(kvcSmem + a.stOff));
+    return;
+  }
   kg::DevLayout lay;
-  uint32_t L, w;
-  prologue(a, lay, L, w);
-  const uint16_t* table = reinterpret_cast<const uint16_t*>(kvcSmem);
+  kg::Lookup lk;
+  uint32_t w;
+  prologue(a, lay, lk, w);
   uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;  // v = channel
   uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
   float* ps = reinterpret_cast<float*>(kvcSmem + a.wOff) + size_t(slot) * B * G;     // [B][G]: p·scale
   float* bias = reinterpret_cast<float*>(kvcSmem + a.wOff) + size_t(a.spb) * B * G + size_t(slot) * B;  // [B]
   const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
-  float acc[G] = {};
   for (uint32_t bg = blockIdx.x; bg * a.spb < a.g.blocks; bg += a.nx) {
     const uint32_t b = bg * a.spb + slot, seg = b * a.g.heads + h;
     const bool active = b < a.g.blocks;
@@ -264,29 +341,45 @@ __global__ void __launch_bounds__(1024) pvKernel(Args a) {
 #pragma unroll
       for (int j = 0; j < G; ++j) acc[j] = fmaf(wp[j], c, acc[j]);
     };
-    if (raw) kg::walkVector<true>(st, a.capWords, bit, B, table, L, w, sink);
-    else kg::walkVector<false>(st, a.capWords, bit, B, table, L, w, sink);
+    walk(raw, st, a.capWords, bit, B, lk, w, sink);
   }
-#pragma unroll
-  for (int j = 0; j < G; ++j)
-    a.partial[((size_t(h) * a.nx + blockIdx.x) * a.spb + slot) * G * D + size_t(j) * D + v] = acc[j];
+  pvWritePartial<G>(a, h, acc, reinterpret_cast<float*>(kvcSmem + a.stOff));
 }
 
-/** out[h·G+j][d] = Σ partials (fixed order) + Σ_tail p_t·x_td; zeroes the partials it read. */
+constexpr uint32_t kPvReduceThreads = 1024;
+
+/**
+ * out[h·G+j][d] = Σ_k partial[h][k][j][d] over the nx + ntail block slices, in a fixed order (a
+ * strided split over R = threads / D lanes, then the R sums in order); zeroes what it read, so
+ * the workspace goes back zero-filled. Block (h, j).
+ */
 template <int G>
-__global__ void pvReduceKernel(Args a) {
-  const uint32_t h = blockIdx.x, d = threadIdx.x, D = a.g.dim;
-  if (d >= D) return;
-  const uint32_t parts = a.nx * a.spb;
-  for (int j = 0; j < G; ++j) {
-    float sum = 0.f;
-    for (uint32_t k = 0; k < parts; ++k) {
-      float* pp = a.partial + ((size_t(h) * parts + k) * G + j) * D + d;
-      sum += *pp;
-      *pp = 0.f;
+__global__ void __launch_bounds__(kPvReduceThreads) pvReduceKernel(Args a) {
+  __shared__ float red[kPvReduceThreads];
+  const uint32_t h = blockIdx.x, j = blockIdx.y, D = a.g.dim, R = max(1u, blockDim.x / D);
+  const uint32_t r = threadIdx.x / D, d = threadIdx.x % D, parts = a.nx + a.ntail;
+  float sum = 0.f;
+  if (r < R) {
+    float* base = a.partial + (size_t(h) * parts * G + j) * D + d;
+    uint32_t k = r;
+    for (; k + 7 * R < parts; k += 8 * R) {  // 8 loads in flight before the zeroing stores
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = base[size_t(k + u * R) * G * D];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) base[size_t(k + u * R) * G * D] = 0.f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) sum += v[u];
     }
-    const uint16_t* pr = a.in + (size_t(h) * G + j) * a.T + a.g.codedTokens;
-    for (uint32_t t = 0; t < a.g.tailTokens; ++t) sum = fmaf(kg::halfBitsToFloat(__ldg(pr + t)), tailAt(a, h, t, d), sum);
+    for (; k < parts; k += R) {
+      sum += base[size_t(k) * G * D];
+      base[size_t(k) * G * D] = 0.f;
+    }
+    red[threadIdx.x] = sum;
+  }
+  __syncthreads();
+  if (r == 0) {
+    for (uint32_t q = 1; q < R; ++q) sum += red[q * D + d];
     a.out[(size_t(h) * G + j) * D + d] = sum;
   }
 }
@@ -297,9 +390,9 @@ template <bool KEY>
 __global__ void __launch_bounds__(1024) decodeKernel(Args a) {
   const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, B = a.g.block, T = a.T;
   kg::DevLayout lay;
-  uint32_t L, w;
-  prologue(a, lay, L, w);
-  const uint16_t* table = reinterpret_cast<const uint16_t*>(kvcSmem);
+  kg::Lookup lk;
+  uint32_t w;
+  prologue(a, lay, lk, w);
   uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;
   uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
@@ -322,16 +415,14 @@ __global__ void __launch_bounds__(1024) decodeKernel(Args a) {
       const float sc = kg::scaleOf(a.body, lay, b);
       float* row = a.out + (size_t(h) * T + b * B + v) * D;
       auto sink = [&](uint32_t i, uint32_t sym) { row[i] = kg::dequantExact(sym, zp, sc); };
-      if (raw) kg::walkVector<true>(st, a.capWords, bit, D, table, L, w, sink);
-      else kg::walkVector<false>(st, a.capWords, bit, D, table, L, w, sink);
+      walk(raw, st, a.capWords, bit, D, lk, w, sink);
     } else {
       float* col = a.out + (size_t(h) * T + b * B) * D + v;
       auto sink = [&](uint32_t i, uint32_t sym) {
         const uint32_t t = b * B + i;
         col[size_t(i) * D] = kg::dequantExact(sym, kg::zeroPoint(a.body, lay, t), kg::scaleOf(a.body, lay, t));
       };
-      if (raw) kg::walkVector<true>(st, a.capWords, bit, B, table, L, w, sink);
-      else kg::walkVector<false>(st, a.capWords, bit, B, table, L, w, sink);
+      walk(raw, st, a.capWords, bit, B, lk, w, sink);
     }
   }
 }
@@ -361,6 +452,21 @@ uint32_t groupIndex(uint32_t group) {
   return group == 1 ? 0 : group == 2 ? 1 : group == 4 ? 2 : 3;
 }
 
+/**
+ * Bits of the first-level decode table (cuda_huffman.cuh; 2^bits * 64 bytes of shared memory):
+ * PACKKV_KVCOMP_T1 = 1..8, default 0 (full table only). Measured slower on the H100 (K 294 vs
+ * 215 us at 128k tokens with 8 bits): the lookups' bank conflicts are not what bounds the loop.
+ */
+uint32_t firstLevelMaxBits() {
+  static const uint32_t bits = [] {
+    const char* v = std::getenv("PACKKV_KVCOMP_T1");
+    if (!v || !*v) return 0u;
+    const int b = std::atoi(v);
+    return uint32_t(std::min(std::max(b, 0), 8));
+  }();
+  return bits;
+}
+
 /** The launch plan of a stream: shared memory, slots, grid; `group` query heads per KV head. */
 Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice = true) {
   const Shape& sh = s.header.shape;
@@ -388,17 +494,20 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
   const uint32_t alphaNeed = std::min<uint32_t>(kg::kMaxAlphabet, 2 * alphaMin + 16);
   uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4, 3ull * alphaNeed + 32);
   stageBytes = (stageBytes + 15) / 16 * 16;
-  a.alphaLimit = uint32_t((stageBytes - 16) / 3);
   uint64_t weights = 0;
   if (forProducts)
     weights = kind == TensorKind::Key ? uint64_t(sh.dim) * group * 4 : uint64_t(a.spb) * a.g.block * (group + 1) * 4;
-  a.wOff = kTableBytes + kScratchBytes;
+  if (forProducts && kind == TensorKind::Value)  // pvWritePartial's slot sums reuse the staging area
+    stageBytes = std::max<uint64_t>(stageBytes, (uint64_t(a.spb) * group * sh.dim * 4 + 15) / 16 * 16);
+  a.alphaLimit = uint32_t((stageBytes - 16) / 3);
+  a.n1max = firstLevelMaxBits();
+  a.wOff = kTableBytes + kScratchBytes + (a.n1max ? (1u << a.n1max) * 64 : 0);
   a.stOff = uint32_t(a.wOff + (weights + 15) / 16 * 16);
   return a;
 }
 
 size_t smemOf(const Args& a) {
-  uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4, 3ull * a.alphaLimit + 16);
+  const uint64_t stageBytes = 3ull * a.alphaLimit + 16;  // plan() sized the staging area
   return size_t(a.stOff + (stageBytes + 15) / 16 * 16);
 }
 
@@ -418,6 +527,9 @@ void prepareSmem(Kernel kernel, size_t smem) {
   if (smem > 48 * 1024) PACKKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
 }
 
+/** p·V blocks per KV head over the fp16 tail. */
+uint32_t pvTailBlocks(const Args& a) { return (a.g.tailTokens + kPvTailChunk - 1) / kPvTailChunk; }
+
 // ---- the GpuCodecDef entries -----------------------------------------------------------------
 
 uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
@@ -434,24 +546,15 @@ size_t workspaceBytes(const StreamView& s, uint32_t qHeads) {
   if (s.header.kind == TensorKind::Value && sh.heads > 0 && qHeads % sh.heads == 0) {
     const uint32_t group = qHeads / sh.heads;
     Args a = plan(s, group, true, false);
-    const uint32_t nx = a.g.blocks ? blocksPerHead(a, smemOf(a)) : 1;
-    bytes += size_t(sh.heads) * nx * a.spb * group * sh.dim * sizeof(float);
+    const uint32_t nx = a.g.segments ? blocksPerHead(a, smemOf(a)) : 0;
+    bytes += size_t(sh.heads) * (nx + pvTailBlocks(a)) * group * sh.dim * sizeof(float);
   }
   return bytes;
 }
 
 Breakdown encode(const float* x, const Shape& s, TensorKind kind, const Params& p, uint8_t* body, const gpu::Launch& l) {
-  const CodecDef& cpu = findCodec("kvcomp");
-  cpu.check(p, kind, s);
-  std::vector<float> hx(s.elements());
-  PACKKV_CUDA_CHECK(cudaMemcpyAsync(hx.data(), x, hx.size() * sizeof(float), cudaMemcpyDeviceToHost, l.stream));
-  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
-  for (float v : hx)
-    if (!std::isfinite(v)) throw CodecError("codec 'kvcomp': non-finite values (NaN/Inf) cannot be compressed");
-  EncodedBody e = cpu.encode(hx.data(), s, kind, p);
-  PACKKV_CUDA_CHECK(cudaMemcpyAsync(body, e.bytes.data(), e.bytes.size(), cudaMemcpyHostToDevice, l.stream));
-  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
-  return e.breakdown;
+  findCodec("kvcomp").check(p, kind, s);
+  return kvcomp::enc::encodeOnDevice(x, s, kind, relOf(p, kind), geometryFor(p, kind, s), body, l.stream);
 }
 
 void decode(const StreamView& s, float* out, const gpu::Launch& l) {
@@ -483,7 +586,7 @@ void launchQk(Args a, cudaStream_t st) {
   const size_t smem = smemOf(a);
   a.nx = a.g.segments ? blocksPerHead(a, smem) : 0;
   const uint32_t threads = std::max<uint32_t>(32, a.spb * a.g.vecsPerSeg);
-  const uint32_t tailBlocks = (a.g.tailTokens + threads - 1) / threads;
+  const uint32_t tailBlocks = (a.g.tailTokens + threads / 32 - 1) / (threads / 32);  // a warp per token
   dim3 grid(a.nx + tailBlocks, a.g.heads);
   if (grid.x == 0 || grid.y == 0) return;
   prepareSmem(qkKernel<G>, smem);
@@ -493,17 +596,16 @@ void launchQk(Args a, cudaStream_t st) {
 
 template <int G>
 void launchPv(Args a, cudaStream_t st) {
-  if (a.g.segments > 0) {
-    const size_t smem = smemOf(a);
-    a.nx = blocksPerHead(a, smem);
-    prepareSmem(pvKernel<G>, smem);
-    pvKernel<G><<<dim3(a.nx, a.g.heads), a.spb * a.g.vecsPerSeg, smem, st>>>(a);
-    PACKKV_LAUNCH_CHECK();
-  } else {
-    a.nx = 0;
-  }
   if (a.g.heads == 0) return;
-  pvReduceKernel<G><<<a.g.heads, (a.g.dim + 31) / 32 * 32, 0, st>>>(a);
+  const size_t smem = smemOf(a);
+  a.nx = a.g.segments ? blocksPerHead(a, smem) : 0;
+  a.ntail = pvTailBlocks(a);
+  if (a.nx + a.ntail > 0) {
+    prepareSmem(pvKernel<G>, smem);
+    pvKernel<G><<<dim3(a.nx + a.ntail, a.g.heads), a.spb * a.g.vecsPerSeg, smem, st>>>(a);
+    PACKKV_LAUNCH_CHECK();
+  }
+  pvReduceKernel<G><<<dim3(a.g.heads, G), kPvReduceThreads / a.g.dim * a.g.dim, 0, st>>>(a);
   PACKKV_LAUNCH_CHECK();
 }
 

@@ -3,6 +3,14 @@
 // bit reader that walks one vector (one thread per vector) out of a segment staged in shared
 // memory. Everything here is __host__ __device__ and free of warp intrinsics, so a host program
 // can run the same code (block phases as loops over thread ids) against cpu.cpp.
+//
+// Lookups: 32 lanes reading random entries of the 4096-entry table cost ~5 shared-memory
+// wavefronts per code (bank conflicts, measured by emulating a warp over the bench's keys). A
+// first-level table of the next n1 <= 8 bits, replicated once per lane so that lane l only ever
+// reads bank l, resolves every code of at most n1 bits in one conflict-free wavefront; longer
+// codes (3% of the warp-steps for K at k_rel=0.05) fall back to the full table. Measured on the
+// H100 it is slower (more instructions per code, 16 KiB less room for blocks): the loop is bound
+// by instructions, not by those conflicts, so it is off unless PACKKV_KVCOMP_T1 asks for it.
 #pragma once
 #include <cstdint>
 
@@ -143,48 +151,99 @@ KVC_HD void tableFill(uint32_t tid, uint32_t threads, uint32_t L, const TableScr
     table[e] = entry;
   }
 }
+/**
+ * Phase 6, threads over the words of the first-level table (after tableFill): the entry of the
+ * n1-bit prefix i for lane l is u16 ((i >> 1) * 64 + 2 l + (i & 1)), i.e. in word (i >> 1) * 32 + l,
+ * bank l; 0 where the code is longer than n1 bits. 2^n1 * 32 u16 entries (16 KiB at n1 = 8).
+ */
+KVC_HD void tableFirstLevel(uint32_t tid, uint32_t threads, uint32_t L, uint32_t n1, const uint16_t* table,
+                            uint32_t* t1) {
+  const uint32_t words = (1u << n1) / 2 * 32;
+  for (uint32_t k = tid; k < words; k += threads) {
+    const uint32_t pair = k >> 5;
+    uint32_t word = 0;
+    for (uint32_t h = 0; h < 2; ++h) {
+      const uint16_t e = table[(2 * pair + h) << (L - n1)];
+      if ((e & 15) <= n1) word |= uint32_t(e) << (16 * h);
+    }
+    t1[k] = word;
+  }
+}
+
+/** Bits of the first-level table: min(L, n1max), at least 1. */
+KVC_HD uint32_t firstLevelBits(uint32_t L, uint32_t n1max) { return L < n1max ? (L > 1 ? L : 1) : n1max; }
 
 // ---- one vector ----------------------------------------------------------------------------------
+
+/** The decode tables of a block, and this thread's lane (which bank of the first level it reads). */
+struct Lookup {
+  const uint16_t* table;  // full table, 2^L entries
+  const uint16_t* t1;     // first level (tableFirstLevel), or nullptr: full table only
+  uint32_t L, n1, lane2;  // lane2 = 2 * (lane & 31)
+};
+
+/** One code off the top of buf: its symbol and length (a raw w-bit field, or a table lookup). */
+template <bool RAW, bool FIRST>
+KVC_HD void nextCode(uint64_t& buf, uint32_t& nb, const Lookup& lk, uint32_t w, uint32_t& sym) {
+  const uint32_t hi = uint32_t(buf >> 32);
+  uint32_t len;
+  if (RAW) {
+    sym = hi >> (32 - w);
+    len = w;
+  } else if (FIRST) {
+    const uint32_t i1 = hi >> (32 - lk.n1);
+    uint32_t e = lk.t1[((i1 >> 1) << 6) | lk.lane2 | (i1 & 1)];
+    if (e == 0) e = lk.table[hi >> (32 - lk.L)];  // a code longer than n1 bits
+    sym = e >> 4;
+    len = e & 15;
+  } else {
+    const uint32_t e = lk.table[hi >> (32 - lk.L)];
+    sym = e >> 4;
+    len = e & 15;
+  }
+  buf <<= len;
+  nb -= len;
+}
 
 /**
  * Walks the n codes of one vector whose first bit is bit p of the staged words `st` (MSB-first
  * u32 words, big-endian order already applied). A 64-bit register holds the next 32..64 bits;
- * one table lookup per code (or a w-bit field in a raw segment), one word refill per 32 bits.
- * sink(i, symbol) receives each code. Reads stay below capWords (garbage in, no fault out).
+ * one table lookup per code (or a w-bit field in a raw segment). Codes come two at a time
+ * between refills (two codes take at most 24 <= 32 bits), so the divergent refill branch runs
+ * once per pair. sink(i, symbol) receives each code. Reads stay below capWords (garbage in, no
+ * fault out).
  */
 #ifdef __CUDACC__
 #pragma nv_exec_check_disable
 #endif
-template <bool RAW, typename Sink>
-KVC_HD void walkVector(const uint32_t* st, uint32_t capWords, uint32_t p, uint32_t n, const uint16_t* table,
-                       uint32_t L, uint32_t w, Sink&& sink) {
+template <bool RAW, bool FIRST, typename Sink>
+KVC_HD void walkVector(const uint32_t* st, uint32_t capWords, uint32_t p, uint32_t n, const Lookup& lk,
+                       uint32_t w, Sink&& sink) {
   uint32_t i0 = p >> 5;
   if (i0 > capWords - 2) i0 = capWords - 2;
   const uint32_t sh = p & 31;
   uint64_t buf = ((uint64_t(st[i0]) << 32) | st[i0 + 1]) << sh;
-  uint32_t nb = 64 - sh, nx = i0 + 2;
+  uint32_t nb = 64 - sh, nx = i0 + 2;  // nb >= 33: valid bits in buf
+  uint32_t i = 0;
 #ifdef __CUDA_ARCH__
-#pragma unroll 4
+#pragma unroll 2
 #endif
-  for (uint32_t i = 0; i < n; ++i) {
-    const uint32_t hi = uint32_t(buf >> 32);
-    uint32_t sym, len;
-    if (RAW) {
-      sym = hi >> (32 - w);
-      len = w;
-    } else {
-      const uint32_t e = table[hi >> (32 - L)];
-      sym = e >> 4;
-      len = e & 15;
-    }
-    buf <<= len;
-    nb -= len;
+  for (; i + 1 < n; i += 2) {
+    uint32_t s0, s1;
+    nextCode<RAW, FIRST>(buf, nb, lk, w, s0);
+    nextCode<RAW, FIRST>(buf, nb, lk, w, s1);
     if (nb < 32) {
       buf |= uint64_t(st[nx < capWords ? nx : capWords - 1]) << (32 - nb);
       ++nx;
       nb += 32;
     }
-    sink(i, sym);
+    sink(i, s0);
+    sink(i + 1, s1);
+  }
+  if (i < n) {
+    uint32_t s0;
+    nextCode<RAW, FIRST>(buf, nb, lk, w, s0);
+    sink(i, s0);
   }
 }
 
