@@ -21,7 +21,7 @@ const settings: Record<string, string[]> = {
   kivi: ['kivi:bits=1,group=32,residual=0', 'kivi:bits=2', 'kivi:bits=4,residual=64', 'kivi:bits=8,group=64'],
   kvcomp: ['kvcomp', 'kvcomp:k_rel=0.01,v_rel=0.02,k_block=32,v_block=64'],
   packkv: ['packkv', 'packkv:repack=greedy,pack=8,zp=hp', 'packkv:repack=none,pack=32,block=128'],
-  tailorkv: ['tailorkv:mode=q,bits=1', 'tailorkv:mode=q,bits=2,group=32'],
+  tailorkv: ['tailorkv:mode=q,bits=1', 'tailorkv:mode=q,bits=2,group=32', 'tailorkv:mode=s'],
 };
 
 it('the addon lists its GPU codecs whether or not a GPU is present', () => {
@@ -83,14 +83,24 @@ describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`
     await expect(nat.gpuRun('encode', e.stream, x.subarray(1), 1, 1, 1)).rejects.toThrow('the input has 38399 values');
   });
 
-  it('tailorkv mode=s: GPU decode equals the CPU, its products are refused with the reason', async () => {
-    const shape = { kvHeads: 2, tokens: 512, headDim: 64 };
+  it('tailorkv mode=s: GPU encode, decode and q·Kᵀ equal the CPU bit for bit, p·V within 1e-5', async () => {
+    const shape = { kvHeads: 2, tokens: 4096, headDim: 128 };
     const r = lcg(3);
-    const x = asF16(filled(2 * 512 * 64, () => r()));
-    const e = await nat.encode('tailorkv:mode=s', 'K', x, shape);
-    const g = await nat.gpuRun('decode', e.stream, null, 1, 1, 1);
-    expect(Buffer.from(g.result.buffer).equals(Buffer.from((await nat.decode(e.stream)).buffer))).toBe(true);
-    await expect(nat.gpuRun('qk', e.stream, asF16(filled(4 * 64, () => r())), 4, 1, 1)).rejects.toThrow('mode=s has no CUDA kernels');
+    const x = asF16(filled(2 * 4096 * 128, (i) => r() + (i % 128 === 5 ? 6 : 0)));
+    for (const spec of ['tailorkv:mode=s', 'tailorkv:mode=s,budget=32,channels=4']) {
+      const ek = await nat.encode(spec, 'K', x, shape);
+      const ev = await nat.encode(spec, 'V', x, shape);
+      await nat.gpuRun('encode', ek.stream, x, 1, 1, 1);
+      await nat.gpuRun('encode', ev.stream, x, 1, 1, 1);
+      const g = await nat.gpuRun('decode', ek.stream, null, 1, 1, 1);
+      expect(Buffer.from(g.result.buffer).equals(Buffer.from((await nat.decode(ek.stream)).buffer))).toBe(true);
+      // The token selection runs in double in the CPU's order: the scores must be identical.
+      const q = asF16(filled(2 * 8 * 128, () => r()));
+      const gs = await nat.gpuRun('qk', ek.stream, q, 8, 2, 1);
+      expect(Buffer.from(gs.result.buffer).equals(Buffer.from((await nat.qk(ek.stream, q, 8, 2)).buffer))).toBe(true);
+      const p = asF16(filled(2 * 8 * 4096, (i) => (i % 3 === 0 ? 0 : Math.abs(r()) / 3000)));
+      expect(relDiff((await nat.gpuRun('pv', ev.stream, p, 8, 2, 1)).result, await nat.pv(ev.stream, p, 8, 2))).toBeLessThan(1e-5);
+    }
   });
 });
 

@@ -172,7 +172,8 @@ size_t workspaceBytes(const StreamView& s, uint32_t qHeads) {
     Layout l = layoutFor(s.params, s.header.kind, sh);
     int splits = 0, splitTokens = 0;
     pvSplits(l, sh.heads, &splits, &splitTokens);
-    bytes += size_t(sh.heads) * (splits + 1) * (qHeads / sh.heads) * sh.dim * sizeof(float);
+    bytes += size_t(sh.heads) * kivi::pvSlots(splits, int(l.residualTokens)) * (qHeads / sh.heads) * sh.dim *
+             sizeof(float);
   }
   return bytes;
 }

@@ -484,10 +484,10 @@ __device__ void pvMmaQuantized(const PvArgs& a, int h, int split, int totalSplit
 template <int B, int NR, int GM>
 __global__ void __launch_bounds__(kMmaPvWarps * 32) pvMmaKernel(PvArgs a) {
   const int h = blockIdx.y, split = blockIdx.x;
-  const int totalSplits = a.splits + (a.Trem > 0 ? 1 : 0);
-  if (split < a.splits) pvMmaQuantized<B, NR, GM>(a, h, split, totalSplits);
-  else pvResidual<NR>(a, h, split, totalSplits);
-  pvFinish<NR>(a, h, totalSplits);
+  const int slots = pvSlots(a.splits, a.Trem);
+  if (split < a.splits) pvMmaQuantized<B, NR, GM>(a, h, split, slots);
+  else pvResidual<NR>(a, h, split, slots);
+  pvFinish<NR>(a, h, gridDim.x, slots);
 }
 
 }  // namespace packkv::kivi

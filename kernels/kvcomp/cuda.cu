@@ -19,6 +19,13 @@
 //         threads, loads batched ahead of the zeroing stores) adds them in fixed order.
 // The decode loop takes codes two at a time between bit-buffer refills (two codes <= 24 bits), so
 // its one divergent branch runs once per pair: the loop is bound by instructions per code.
+// Tensor-core path (qkMmaKernel / pvMmaKernel; head_dim = v_block = 128, the bench's geometry):
+// a 32-bit decode table (length + fp16 of symbol - center), a branch-free fully unrolled walk of
+// two codes per 32-bit window (kg::PairReader, ~9.5 SASS instructions per code instead of ~20),
+// four codes per lane per mma.m16n8k16 with a block-diagonal A (q, or p·scale split into fp16
+// hi + lo), the zero point folded once per vector (K) or per segment (V), and the segment bytes
+// double-buffered with cp.async so the next group's loads fly while this one decodes.
+// PACKKV_KVCOMP_MMA=0 selects the scalar kernels.
 // encode runs on the GPU (cuda_encode.cuh), byte for byte cpu.cpp's body; bodyBytes() is an upper
 // bound, since a Huffman body's size depends on data.
 #include <algorithm>
@@ -45,7 +52,9 @@ namespace kg = kvcomp::gpu;
 
 extern __shared__ __align__(16) uint8_t kvcSmem[];
 
-constexpr uint32_t kTableBytes = kg::kTableEntries * 2;
+constexpr uint32_t kTableBytes = kg::kTableEntries * 2;      // u16 entries (scalar decoders)
+constexpr uint32_t kTable32Bytes = kg::kTableEntries * 4;    // u32 entries (tensor-core products)
+constexpr uint32_t kStagePadBytes = 256;  // slack after the staging area for decodePair's unchecked reads
 constexpr uint32_t kScratchBytes = 512;  // TableScratch + 32 warp totals
 constexpr uint32_t kMagic = 0x4B000000u;  // float bits of 2^23: (2^23 + c) for integer c < 2^23
 
@@ -58,11 +67,18 @@ struct Args {
   uint32_t spb, capWords, alphaLimit, nx;
   uint32_t ntail;        // p·V: blocks per KV head over the fp16 tail (after the nx coded ones)
   uint32_t n1max;        // bits of the first-level decode table (0: full table only)
+  uint32_t tableBytes;   // kTableBytes, or kTable32Bytes on the tensor-core path
+  bool mma;              // the tensor-core product kernels (plan(): 128 codes per vector, whole warps per slot)
   uint32_t wOff, stOff;  // byte offsets of the weights and the staging area in shared memory
   const uint16_t* in;    // q f16 [qHeads][D] or p f16 [qHeads][T] of this query step
   float* out;            // scores [qHeads][T], p·V out [qHeads][D], or the decoded tensor
   float* partial;        // p·V: f32 [heads][nx + ntail][G][D], one slice per block
 };
+
+constexpr uint32_t kMmaCodes = 128;  // codes per vector on the tensor-core path (head_dim for K, v_block for V)
+constexpr uint32_t kMmaSteps = kMmaCodes / 4;
+constexpr uint32_t kFragTileWords = kMmaSteps * kg::kFragStepWords;  // A fragments of one 16-row tile
+__host__ __device__ constexpr uint32_t mmaTiles(uint32_t group) { return (4 * group + 15) / 16; }
 
 // ---- device pieces ---------------------------------------------------------------------------
 
@@ -79,7 +95,7 @@ __device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint
   w = rawWidthD(lay.alphabet);
   const uint32_t A = min(min(lay.alphabet, a.alphaLimit), kg::kMaxAlphabet);
   uint16_t* table = reinterpret_cast<uint16_t*>(kvcSmem);
-  kg::TableScratch& ts = *reinterpret_cast<kg::TableScratch*>(kvcSmem + kTableBytes);
+  kg::TableScratch& ts = *reinterpret_cast<kg::TableScratch*>(kvcSmem + a.tableBytes);
   uint8_t* lens = kvcSmem + a.stOff;  // the staging area is free until the first segment
   uint16_t* sorted = reinterpret_cast<uint16_t*>(kvcSmem + a.stOff + (A + 15) / 16 * 16);
   const uint32_t tid = threadIdx.x, n = blockDim.x;
@@ -91,7 +107,8 @@ __device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint
   __syncthreads();
   kg::tableSort(tid, lens, A, ts, sorted);
   __syncthreads();
-  kg::tableFill(tid, n, L, ts, sorted, table);
+  if (a.mma && !a.n1max) kg::tableFill32(tid, n, L, ts, sorted, kg::symbolCenter(lay.alphabet), reinterpret_cast<uint32_t*>(kvcSmem));
+  else kg::tableFill(tid, n, L, ts, sorted, table);
   __syncthreads();
   lk.table = table;
   lk.L = L;
@@ -99,9 +116,10 @@ __device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint
   lk.t1 = nullptr;
   lk.n1 = 0;
   if (a.n1max) {
-    uint32_t* t1 = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + kScratchBytes);
+    uint32_t* t1 = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + kScratchBytes);
     lk.n1 = kg::firstLevelBits(L, a.n1max);
-    kg::tableFirstLevel(tid, n, L, lk.n1, table, t1);
+    if (a.mma) kg::tableFirstLevel32(tid, n, L, lk.n1, table, kg::symbolCenter(lay.alphabet), t1);
+    else kg::tableFirstLevel(tid, n, L, lk.n1, table, t1);
     lk.t1 = reinterpret_cast<const uint16_t*>(t1);
     __syncthreads();
   }
@@ -233,7 +251,7 @@ __global__ void __launch_bounds__(1024) qkKernel(Args a) {
   kg::Lookup lk;
   uint32_t w;
   prologue(a, lay, lk, w);
-  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;
   uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
   const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
@@ -310,7 +328,7 @@ __global__ void __launch_bounds__(1024) pvKernel(Args a) {
   kg::Lookup lk;
   uint32_t w;
   prologue(a, lay, lk, w);
-  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;  // v = channel
   uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
   float* ps = reinterpret_cast<float*>(kvcSmem + a.wOff) + size_t(slot) * B * G;     // [B][G]: p·scale
@@ -384,6 +402,353 @@ __global__ void __launch_bounds__(kPvReduceThreads) pvReduceKernel(Args a) {
   }
 }
 
+// ---- tensor-core products (cuda_huffman.cuh decodePair / mmaHead / cOwner) ----------------------
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint4& a, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a.x), "r"(a.y), "r"(a.z), "r"(a.w), "r"(b0), "r"(b1));
+}
+
+/**
+ * One lane's 128 codes (fully unrolled, branch-free): per step 4 codes = two PairReader::next, then one
+ * mma per A tile; SPLIT tiles of MT are added into the same accumulators (V: fp16 hi and lo
+ * halves of the weights). frag = this lane's 4 words in tile 0, step 0.
+ */
+template <int MT, int SPLIT, bool RAW, bool FIRST>
+__device__ __forceinline__ void mmaWalk(const uint32_t* st, uint32_t p, const uint32_t* table, uint32_t shiftR, uint32_t w,
+                                        int32_t center, const uint32_t* frag, const kg::Lookup& lk, float (&c)[MT][4]) {
+  const uint32_t* t1 = reinterpret_cast<const uint32_t*>(lk.t1);
+  const uint32_t shift1 = 32 - lk.n1, lane = threadIdx.x & 31;
+  kg::PairReader rd;
+  rd.start(st, p);
+#pragma unroll
+  for (uint32_t s = 0; s < kMmaSteps; ++s) {
+    const uint32_t b0 = rd.next<RAW, FIRST>(st, table, shiftR, w, center, t1, shift1, lane);
+    const uint32_t b1 = rd.next<RAW, FIRST>(st, table, shiftR, w, center, t1, shift1, lane);
+#pragma unroll
+    for (int sp = 0; sp < SPLIT; ++sp)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const uint4 af = *reinterpret_cast<const uint4*>(frag + (sp * MT + mt) * kFragTileWords + s * kg::kFragStepWords);
+        mma16816(c[mt], af, b0, b1);
+      }
+  }
+}
+
+/** This lane's A-fragment words: its group's slot when it carries weights (t == g % 4), else the zero slot. */
+__device__ __forceinline__ uint32_t fragLaneOffset(uint32_t lane) {
+  return ((lane & 3) == ((lane >> 2) & 3) ? (lane >> 2) : 8u) * 4;
+}
+
+/** Decomposes a fragment word index of a tile: register i, group g (8 = zero slot), step s, tile mt. */
+__device__ __forceinline__ void fragIndex(uint32_t idx, uint32_t& i, uint32_t& g, uint32_t& s, uint32_t& mt) {
+  i = idx & 3;
+  g = (idx >> 2) % 9;
+  s = (idx / kg::kFragStepWords) % kMmaSteps;
+  mt = idx / kFragTileWords;
+}
+
+__device__ __forceinline__ void cpAsync16(uint32_t* dst, const uint8_t* src, uint32_t srcBytes) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(srcBytes));
+}
+__device__ __forceinline__ void cpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cpAsyncWaitAll() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+
+/**
+ * Starts copying segment `seg` into st (threads v of nv of its slot) with 16-byte cp.async from
+ * the 16-byte-aligned chunk that holds its first byte; the words stay little-endian until
+ * swapStaged. Returns the chunks this thread's slot copies and the segment's first bit in st.
+ */
+__device__ __forceinline__ uint32_t issueStage(const Args& a, const kg::DevLayout& lay, uint32_t seg, uint32_t* st,
+                                               uint32_t v, uint32_t nv, uint32_t& bit0, bool& raw) {
+  const uint32_t* segTab = reinterpret_cast<const uint32_t*>(a.body + lay.segOff);
+  const uint32_t e = __ldg(segTab + seg);
+  const uint32_t eNext = seg + 1 < a.g.segments ? __ldg(segTab + seg + 1) : 0u;
+  raw = (e & kvcomp::kRawSegmentFlag) != 0;
+  const uint64_t start = e & ~kvcomp::kRawSegmentFlag;
+  const uint64_t end = seg + 1 < a.g.segments ? (eNext & ~kvcomp::kRawSegmentFlag) : lay.arenaBytes;
+  const uint64_t absStart = min(lay.arenaOff + start, a.bodyBytes);
+  const uint64_t absEnd = min(max(lay.arenaOff + end, absStart), a.bodyBytes);
+  const uint64_t c0 = absStart >> 4, c1 = (absEnd + 15) >> 4;
+  const uint32_t n = uint32_t(min(c1 - c0, uint64_t(a.capWords / 4 - 1)));
+  for (uint32_t k = v; k < n; k += nv) {
+    const uint64_t byte = (c0 + k) * 16;
+    cpAsync16(st + 4 * k, a.body + byte, uint32_t(min(uint64_t(16), a.bodyBytes - byte)));
+  }
+  cpAsyncCommit();
+  bit0 = uint32_t(absStart & 15) * 8;
+  return n;
+}
+
+/** After cpAsyncWaitAll: this thread's chunks to MSB-first words. */
+__device__ __forceinline__ void swapStaged(uint32_t* st, uint32_t n, uint32_t v, uint32_t nv) {
+  for (uint32_t k = v; k < n; k += nv) {
+    uint4 q = *reinterpret_cast<uint4*>(st + 4 * k);
+    q.x = kg::bswap32(q.x), q.y = kg::bswap32(q.y), q.z = kg::bswap32(q.z), q.w = kg::bswap32(q.w);
+    *reinterpret_cast<uint4*>(st + 4 * k) = q;
+  }
+}
+
+template <int G>
+__global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
+  constexpr int MT = mmaTiles(G);
+  const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, T = a.T;
+  if (blockIdx.x >= a.nx) {  // fp16 tail tokens, as qkKernel
+    float* qs = reinterpret_cast<float*>(kvcSmem + a.wOff);
+    for (uint32_t idx = tid; idx < D * G; idx += blockDim.x)
+      qs[idx] = kg::halfBitsToFloat(a.in[(size_t(h) * G + idx % G) * D + idx / G]);
+    __syncthreads();
+    qkTail<G>(a, qs, h);
+    return;
+  }
+  uint32_t* frag = reinterpret_cast<uint32_t*>(kvcSmem + a.wOff);  // [MT][steps][9][4] half2 of q
+  float* qsum = reinterpret_cast<float*>(frag + MT * kFragTileWords);
+  const uint16_t* qh = a.in + size_t(h) * G * D;
+  for (uint32_t idx = tid; idx < MT * kFragTileWords; idx += blockDim.x) {
+    uint32_t i, g, s, mt;
+    fragIndex(idx, i, g, s, mt);
+    const uint32_t j = kg::mmaHead(mt, g, i), d = 4 * s + kg::mmaCode(i);
+    frag[idx] = g < 8 && j < uint32_t(G) ? uint32_t(qh[j * D + d]) | uint32_t(qh[j * D + d + 1]) << 16 : 0u;
+  }
+  if (tid < uint32_t(G)) {
+    float sum = 0.f;
+    for (uint32_t d = 0; d < D; ++d) sum += kg::halfBitsToFloat(qh[tid * D + d]);
+    qsum[tid] = sum;
+  }
+  kg::DevLayout lay;
+  kg::Lookup lk;
+  uint32_t w;
+  prologue(a, lay, lk, w);  // its barriers publish frag and qsum
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + sizeof(kg::TableScratch));
+  const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs, lane = tid & 31;
+  uint32_t* stAll = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff);  // two buffers of spb * capWords words
+  const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(kvcSmem);
+  const uint32_t shiftR = 32 - lk.L, pMax = a.spb * a.capWords * 32;
+  const int32_t center = kg::symbolCenter(lay.alphabet);
+  const uint32_t* fragLane = frag + fragLaneOffset(lane);
+  const uint32_t bufWords = a.spb * a.capWords;
+  // Pipeline: the next group's segment bytes (cp.async) and its scalars (registers) are in
+  // flight while this group decodes.
+  uint32_t nChunks = 0, bit0 = 0, x = 0;
+  bool raw = false;
+  int64_t zp = 0;
+  float sc = 0.f;
+  uint32_t bg = blockIdx.x, buf = 0;
+  auto issue = [&](uint32_t group, uint32_t into) {
+    const uint32_t b = group * a.spb + slot, seg = b * a.g.heads + h;
+    if (group * a.spb < a.g.blocks && b < a.g.blocks) {
+      nChunks = issueStage(a, lay, seg, stAll + into * bufWords + slot * a.capWords, v, vecs, bit0, raw);
+      x = __ldg(vecBits + size_t(seg) * vecs + v);
+      zp = kg::zeroPoint(a.body, lay, b);
+      sc = kg::scaleOf(a.body, lay, b);
+    } else {
+      nChunks = 0, x = 0;
+    }
+  };
+  issue(bg, 0);
+  for (; bg * a.spb < a.g.blocks; bg += a.nx, buf ^= 1) {
+    const uint32_t b = bg * a.spb + slot;
+    const bool active = b < a.g.blocks;
+    cpAsyncWaitAll();
+    swapStaged(stAll + buf * bufWords + slot * a.capWords, nChunks, v, vecs);
+    const bool rawC = raw;
+    const float zpc = float(zp + center), scC = sc;
+    const uint32_t bit = bit0 + slotScan(active ? x : 0u, vecs, warpTotals);
+    __syncthreads();  // the group is staged; the other buffer's last readers are done
+    issue(bg + a.nx, buf ^ 1);
+    if (!active) continue;  // slot-uniform: whole warps
+    const uint32_t* stCur = stAll + buf * bufWords;
+    const uint32_t p = min(slot * a.capWords * 32 + bit, pMax);
+    float c[MT][4] = {};
+    if (rawC) mmaWalk<MT, 1, true, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    else if (lk.t1) mmaWalk<MT, 1, false, true>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    else mmaWalk<MT, 1, false, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    const uint32_t t0 = b * a.g.block + (v & ~31u);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (uint32_t i = 0; i < 4; ++i) {
+        const uint32_t j = kg::cHead(mt, lane, i);
+        if (j < uint32_t(G)) a.out[(size_t(h) * G + j) * T + t0 + kg::cOwner(lane, i)] = __fmul_rn(scC, fmaf(zpc, qsum[j], c[mt][i]));
+      }
+  }
+}
+
+/**
+ * p·V on the tensor cores. Per segment (slot), the weights w = p·scale (exact in fp32) are scaled
+ * by a power of two that brings the segment's largest below 2^15 and split into fp16 hi + lo
+ * fragments (about 22 bits); Z_j = Σ_t w_jt (zp_t + center) is added once per segment.
+ */
+template <int G>
+__global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
+  constexpr int MT = mmaTiles(G);
+  const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, B = a.g.block, T = a.T;
+  if (blockIdx.x >= a.nx) {  // fp16 tail tokens, as pvKernel
+    float acc[G] = {};
+    const uint32_t slot = tid / D, d = tid % D, t0 = (blockIdx.x - a.nx) * kPvTailChunk;
+    const uint32_t t1 = min(t0 + kPvTailChunk, a.g.tailTokens);
+    const uint16_t* pr = a.in + size_t(h) * G * T + a.g.codedTokens;
+    for (uint32_t t = t0 + slot; t < t1; t += a.spb) {
+      const float x = tailAt(a, h, t, d);
+#pragma unroll
+      for (int j = 0; j < G; ++j) acc[j] = fmaf(kg::halfBitsToFloat(__ldg(pr + size_t(j) * T + t)), x, acc[j]);
+    }
+    pvWritePartial<G>(a, h, acc, reinterpret_cast<float*>(kvcSmem + a.stOff));
+    return;
+  }
+  kg::DevLayout lay;
+  kg::Lookup lk;
+  uint32_t w;
+  prologue(a, lay, lk, w);
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + sizeof(kg::TableScratch));
+  const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs, lane = tid & 31, warp = v >> 5;
+  uint32_t* stAll = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff);  // two buffers of spb * capWords words
+  uint32_t* fragAll = reinterpret_cast<uint32_t*>(kvcSmem + a.wOff);
+  uint32_t* frag = fragAll + size_t(slot) * 2 * MT * kFragTileWords;  // [hi, lo][MT][steps][9][4]
+  float* zs = reinterpret_cast<float*>(fragAll + size_t(a.spb) * 2 * MT * kFragTileWords);  // [spb][G]
+  float* inv = zs + a.spb * G;                                                              // [spb]
+  float* wred = inv + a.spb;                                                                // [spb][32][G + 1]
+  float* wbuf = wred + a.spb * 32 * (G + 1);                                                // [spb][B][G]
+  float* wmine = wbuf + size_t(slot) * B * G;
+  const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(kvcSmem);
+  const uint32_t shiftR = 32 - lk.L, pMax = a.spb * a.capWords * 32;
+  const int32_t center = kg::symbolCenter(lay.alphabet);
+  const uint32_t* fragLane = frag + fragLaneOffset(lane);
+  float acc[MT][4] = {}, zacc[G] = {};
+  const uint32_t bufWords = a.spb * a.capWords;
+  // Pipeline as qkMmaKernel; thread v also prefetches token v's p (G heads), scale and zero point
+  // (tokens per segment == vectors per segment on this path).
+  uint32_t nChunks = 0, bit0 = 0, x = 0;
+  bool raw = false;
+  uint16_t pw[G] = {};
+  float tsc = 0.f;
+  int64_t tzp = 0;
+  uint32_t bg = blockIdx.x, buf = 0;
+  auto issue = [&](uint32_t group, uint32_t into) {
+    const uint32_t b = group * a.spb + slot, seg = b * a.g.heads + h;
+    if (group * a.spb < a.g.blocks && b < a.g.blocks) {
+      nChunks = issueStage(a, lay, seg, stAll + into * bufWords + slot * a.capWords, v, vecs, bit0, raw);
+      x = __ldg(vecBits + size_t(seg) * vecs + v);
+      const uint32_t t = b * B + v;
+#pragma unroll
+      for (int j = 0; j < G; ++j) pw[j] = __ldg(a.in + (size_t(h) * G + j) * T + t);
+      tsc = kg::scaleOf(a.body, lay, t);
+      tzp = kg::zeroPoint(a.body, lay, t);
+    } else {
+      nChunks = 0, x = 0;
+    }
+  };
+  issue(bg, 0);
+  for (; bg * a.spb < a.g.blocks; bg += a.nx, buf ^= 1) {
+    const uint32_t b = bg * a.spb + slot;
+    const bool active = b < a.g.blocks;
+    cpAsyncWaitAll();
+    swapStaged(stAll + buf * bufWords + slot * a.capWords, nChunks, v, vecs);
+    const bool rawC = raw;
+    const uint32_t bitC = bit0, xC = active ? x : 0u;
+    if (active) {
+      float mx = 0.f, z[G] = {};
+      {
+        const uint32_t i = v;
+        const float zpc = float(tzp + center);
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          const float wt = __fmul_rn(kg::halfBitsToFloat(pw[j]), tsc);
+          wmine[i * G + j] = wt;
+          mx = fmaxf(mx, fabsf(wt));
+          z[j] = fmaf(wt, zpc, z[j]);
+        }
+      }
+#pragma unroll
+      for (uint32_t o = 16; o > 0; o >>= 1) {
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+#pragma unroll
+        for (int j = 0; j < G; ++j) z[j] += __shfl_xor_sync(0xffffffffu, z[j], o);
+      }
+      if (lane == 0) {
+        float* r = wred + (size_t(slot) * 32 + warp) * (G + 1);
+        r[0] = mx;
+#pragma unroll
+        for (int j = 0; j < G; ++j) r[1 + j] = z[j];
+      }
+    }
+    const uint32_t bit = bitC + slotScan(xC, vecs, warpTotals);
+    __syncthreads();
+    if (active) {
+      const float* r = wred + size_t(slot) * 32 * (G + 1);
+      float mx = 0.f;
+      for (uint32_t k = 0; k < vecs / 32; ++k) mx = fmaxf(mx, r[k * (G + 1)]);
+      int e = 0;
+      frexpf(mx, &e);  // mx < 2^e
+      const int sh = mx > 0.f ? min(max(15 - e, -100), 100) : 0;
+      const float mult = ldexpf(1.f, sh);
+      for (uint32_t idx = v; idx < MT * kFragTileWords; idx += vecs) {
+        uint32_t i, g, s, mt;
+        fragIndex(idx, i, g, s, mt);
+        const uint32_t j = kg::mmaHead(mt, g, i), tk = 4 * s + kg::mmaCode(i);
+        uint32_t hiW = 0, loW = 0;
+        if (g < 8 && j < uint32_t(G)) {
+#pragma unroll
+          for (uint32_t u = 0; u < 2; ++u) {
+            const float ws = __fmul_rn(wmine[(tk + u) * G + j], mult);
+            const __half hi = __float2half_rn(ws), lo = __float2half_rn(__fsub_rn(ws, __half2float(hi)));
+            hiW |= uint32_t(__half_as_ushort(hi)) << (16 * u);
+            loW |= uint32_t(__half_as_ushort(lo)) << (16 * u);
+          }
+        }
+        frag[idx] = hiW;
+        frag[MT * kFragTileWords + idx] = loW;
+      }
+      if (v == 0) {
+        inv[slot] = ldexpf(1.f, -sh);
+#pragma unroll
+        for (int j = 0; j < G; ++j) {
+          float sum = 0.f;
+          for (uint32_t k = 0; k < vecs / 32; ++k) sum += r[k * (G + 1) + 1 + j];
+          zs[slot * G + j] = sum;
+        }
+      }
+    }
+    __syncthreads();
+    issue(bg + a.nx, buf ^ 1);
+    if (!active) continue;
+    const uint32_t* stCur = stAll + buf * bufWords;
+    const uint32_t p = min(slot * a.capWords * 32 + bit, pMax);
+    float c[MT][4] = {};
+    if (rawC) mmaWalk<MT, 2, true, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    else if (lk.t1) mmaWalk<MT, 2, false, true>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    else mmaWalk<MT, 2, false, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    const float iv = inv[slot];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][i] = fmaf(c[mt][i], iv, acc[mt][i]);
+#pragma unroll
+    for (int j = 0; j < G; ++j) zacc[j] += zs[slot * G + j];
+  }
+  // This block's [G][D] partial: each lane's sums through shared memory, slots added in order.
+  float* red = reinterpret_cast<float*>(kvcSmem + a.stOff);
+  __syncthreads();
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (uint32_t i = 0; i < 4; ++i) {
+      const uint32_t j = kg::cHead(mt, lane, i);
+      if (j < uint32_t(G)) red[(size_t(slot) * G + j) * D + (v & ~31u) + kg::cOwner(lane, i)] = acc[mt][i] + zacc[j];
+    }
+  __syncthreads();
+  float* out = a.partial + (size_t(h) * (a.nx + a.ntail) + blockIdx.x) * G * D;
+  for (uint32_t idx = tid; idx < G * D; idx += blockDim.x) {
+    float sum = red[idx];
+    for (uint32_t k = 1; k < a.spb; ++k) sum += red[size_t(k) * G * D + idx];
+    out[idx] = sum;
+  }
+}
+
 // ---- decode ----------------------------------------------------------------------------------
 
 template <bool KEY>
@@ -393,7 +758,7 @@ __global__ void __launch_bounds__(1024) decodeKernel(Args a) {
   kg::Lookup lk;
   uint32_t w;
   prologue(a, lay, lk, w);
-  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + kTableBytes + sizeof(kg::TableScratch));
+  uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs;
   uint32_t* st = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff) + size_t(slot) * a.capWords;
   const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
@@ -452,10 +817,22 @@ uint32_t groupIndex(uint32_t group) {
   return group == 1 ? 0 : group == 2 ? 1 : group == 4 ? 2 : 3;
 }
 
+/** PACKKV_KVCOMP_MMA=0 turns the tensor-core product kernels off (the scalar ones run instead). */
+bool mmaEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PACKKV_KVCOMP_MMA");
+    return !(v && v[0] == '0');
+  }();
+  return on;
+}
+
 /**
  * Bits of the first-level decode table (cuda_huffman.cuh; 2^bits * 64 bytes of shared memory):
- * PACKKV_KVCOMP_T1 = 1..8, default 0 (full table only). Measured slower on the H100 (K 294 vs
- * 215 us at 128k tokens with 8 bits): the lookups' bank conflicts are not what bounds the loop.
+ * PACKKV_KVCOMP_T1 = 1..8, default 0 (full table only). Measured slower on the H100 for the scalar
+ * kernels (K 294 vs 215 us at 128k tokens with 8 bits): their loop was bound by instructions. The
+ * tensor-core kernels (2^bits * 128 bytes, 32-bit entries, u16 full table for escapes) are bound
+ * by those conflicts instead (kvcomp_t1_emu: 11 -> 2.2 wavefronts per warp-pair for K at 6 bits);
+ * not yet measured there, hence still off by default.
  */
 uint32_t firstLevelMaxBits() {
   static const uint32_t bits = [] {
@@ -491,17 +868,29 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
   const uint32_t width = std::min<uint32_t>(12, kvcomp::rawWidth(alphaMin) + 1);
   const uint64_t perSeg = uint64_t(a.g.vecsPerSeg) * a.g.symsPerVec;
   a.capWords = uint32_t((perSeg * width + 7) / 8 / 4 + 1 + 4 + 1);
+  // Tensor-core path: 128 codes per vector, whole warps per slot (V: tokens per segment ==
+  // vectors per segment, one token per thread); two staging buffers of 16-byte chunks.
+  a.mma = forProducts && mmaEnabled() && vecs % 32 == 0 && vecs <= 256 && a.g.symsPerVec == kMmaCodes &&
+          (kind == TensorKind::Key || vecs == kMmaCodes);
+  if (a.mma) a.capWords = (a.capWords + 4 + 3) / 4 * 4;
   const uint32_t alphaNeed = std::min<uint32_t>(kg::kMaxAlphabet, 2 * alphaMin + 16);
-  uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4, 3ull * alphaNeed + 32);
+  uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4 * (a.mma ? 2 : 1), 3ull * alphaNeed + 32);
+  if (a.mma) stageBytes += kStagePadBytes;
   stageBytes = (stageBytes + 15) / 16 * 16;
+  a.n1max = firstLevelMaxBits();
+  a.tableBytes = a.mma && !a.n1max ? kTable32Bytes : kTableBytes;  // with a first level: the u16 table for escapes
   uint64_t weights = 0;
   if (forProducts)
     weights = kind == TensorKind::Key ? uint64_t(sh.dim) * group * 4 : uint64_t(a.spb) * a.g.block * (group + 1) * 4;
+  if (a.mma) {
+    const uint64_t frag = uint64_t(mmaTiles(group)) * kMmaSteps * kg::kFragStepWords * 4;
+    weights = kind == TensorKind::Key ? std::max<uint64_t>(weights, frag + 64)
+                                      : uint64_t(a.spb) * (2 * frag + 4 * group + 4 + 4 * 32 * (group + 1) + 4ull * a.g.block * group);
+  }
   if (forProducts && kind == TensorKind::Value)  // pvWritePartial's slot sums reuse the staging area
     stageBytes = std::max<uint64_t>(stageBytes, (uint64_t(a.spb) * group * sh.dim * 4 + 15) / 16 * 16);
   a.alphaLimit = uint32_t((stageBytes - 16) / 3);
-  a.n1max = firstLevelMaxBits();
-  a.wOff = kTableBytes + kScratchBytes + (a.n1max ? (1u << a.n1max) * 64 : 0);
+  a.wOff = a.tableBytes + kScratchBytes + (a.n1max ? (1u << a.n1max) * (a.mma ? 128 : 64) : 0);
   a.stOff = uint32_t(a.wOff + (weights + 15) / 16 * 16);
   return a;
 }
@@ -589,8 +978,13 @@ void launchQk(Args a, cudaStream_t st) {
   const uint32_t tailBlocks = (a.g.tailTokens + threads / 32 - 1) / (threads / 32);  // a warp per token
   dim3 grid(a.nx + tailBlocks, a.g.heads);
   if (grid.x == 0 || grid.y == 0) return;
-  prepareSmem(qkKernel<G>, smem);
-  qkKernel<G><<<grid, threads, smem, st>>>(a);
+  if (a.mma) {
+    prepareSmem(qkMmaKernel<G>, smem);
+    qkMmaKernel<G><<<grid, threads, smem, st>>>(a);
+  } else {
+    prepareSmem(qkKernel<G>, smem);
+    qkKernel<G><<<grid, threads, smem, st>>>(a);
+  }
   PACKKV_LAUNCH_CHECK();
 }
 
@@ -601,8 +995,13 @@ void launchPv(Args a, cudaStream_t st) {
   a.nx = a.g.segments ? blocksPerHead(a, smem) : 0;
   a.ntail = pvTailBlocks(a);
   if (a.nx + a.ntail > 0) {
-    prepareSmem(pvKernel<G>, smem);
-    pvKernel<G><<<dim3(a.nx + a.ntail, a.g.heads), a.spb * a.g.vecsPerSeg, smem, st>>>(a);
+    if (a.mma) {
+      prepareSmem(pvMmaKernel<G>, smem);
+      pvMmaKernel<G><<<dim3(a.nx + a.ntail, a.g.heads), a.spb * a.g.vecsPerSeg, smem, st>>>(a);
+    } else {
+      prepareSmem(pvKernel<G>, smem);
+      pvKernel<G><<<dim3(a.nx + a.ntail, a.g.heads), a.spb * a.g.vecsPerSeg, smem, st>>>(a);
+    }
     PACKKV_LAUNCH_CHECK();
   }
   pvReduceKernel<G><<<dim3(a.g.heads, G), kPvReduceThreads / a.g.dim * a.g.dim, 0, st>>>(a);

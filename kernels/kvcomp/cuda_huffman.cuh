@@ -11,6 +11,9 @@
 // codes (3% of the warp-steps for K at k_rel=0.05) fall back to the full table. Measured on the
 // H100 it is slower (more instructions per code, 16 KiB less room for blocks): the loop is bound
 // by instructions, not by those conflicts, so it is off unless PACKKV_KVCOMP_T1 asks for it.
+// The tensor-core products (second half of this file) use a 32-bit table and PairReader instead:
+// about 9.5 instructions per code, after which the table's bank conflicts (~5.5 wavefronts per
+// warp lookup for K at k_rel=0.05, kvcomp_t1_emu) are what bound them.
 #pragma once
 #include <cstdint>
 
@@ -246,5 +249,163 @@ KVC_HD void walkVector(const uint32_t* st, uint32_t capWords, uint32_t p, uint32
     sink(i, s0);
   }
 }
+
+
+// ---- the tensor-core path (products, head_dim / v_block = 128, vectors per segment % 32 == 0) ----
+// Fewer instructions per code: a 32-bit table entry holds both the code length (bits 0..4, the
+// funnel shifts read only those) and the fp16 of (symbol - center) (bits 16..31), so two codes
+// are decoded from one 32-bit window with no branch and no bit-buffer bookkeeping, their values
+// packed into one half2 with one byte permute, and four codes of each lane go into one
+// mma.m16n8k16 as a B column (see mmaRow / cOwner for the fragment mapping). The zero point
+// enters once per vector ((zp + center) * sum q) for K and once per segment for V.
+
+/** fp16 bits of the integer v, |v| <= 2048 (exact). */
+KVC_HD uint32_t intToHalfBits(int32_t v) {
+#ifdef __CUDA_ARCH__
+  return __half_as_ushort(__int2half_rn(v));
+#else
+  if (v == 0) return 0;
+  const uint32_t sign = v < 0 ? 0x8000u : 0u, a = uint32_t(v < 0 ? -v : v);
+  uint32_t e = 0;
+  while ((2u << e) <= a) ++e;  // 2^e <= a < 2^(e+1)
+  const uint32_t man = e <= 10 ? (a << (10 - e)) & 0x3FFu : (a >> (e - 10)) & 0x3FFu;
+  return sign | ((e + 15) << 10) | man;
+#endif
+}
+
+/** The center subtracted from every symbol (exact fp16 values for any alphabet <= 4096). */
+KVC_HD int32_t symbolCenter(uint32_t alphabet) { return int32_t(alphabet / 2); }
+
+/** Phase 5 for the tensor-core path: the same codewords as tableFill, as fp16(sym - center) << 16 | len. */
+KVC_HD void tableFill32(uint32_t tid, uint32_t threads, uint32_t L, const TableScratch& ts, const uint16_t* sorted,
+                        int32_t center, uint32_t* table) {
+  for (uint32_t e = tid; e < (1u << L); e += threads) {
+    uint32_t entry = intToHalfBits(-center) << 16;  // length 0: only an incomplete (corrupt) codebook
+    for (uint32_t l = 1; l <= L; ++l) {
+      const uint32_t prefix = e >> (L - l), k = prefix - ts.first[l];
+      if (prefix >= ts.first[l] && k < ts.count[l]) {
+        entry = (intToHalfBits(int32_t(sorted[ts.offset[l] + k]) - center) << 16) | l;
+        break;
+      }
+    }
+    table[e] = entry;
+  }
+}
+
+/**
+ * Tensor-core path with a first level (PACKKV_KVCOMP_T1 = n1): tableFirstLevel's per-lane layout
+ * (entry of prefix i for lane l in word i * 32 + l, bank l: conflict-free) with 32-bit entries as
+ * tableFill32's; 0 where the code is longer than n1 bits (then the u16 full table answers).
+ * 2^n1 * 128 bytes.
+ */
+KVC_HD void tableFirstLevel32(uint32_t tid, uint32_t threads, uint32_t L, uint32_t n1, const uint16_t* table,
+                              int32_t center, uint32_t* t1) {
+  for (uint32_t k = tid; k < (32u << n1); k += threads) {
+    const uint16_t e = table[(k >> 5) << (L - n1)];
+    const uint32_t len = e & 15u;
+    t1[k] = len != 0 && len <= n1 ? (intToHalfBits(int32_t(e >> 4) - center) << 16) | len : 0u;
+  }
+}
+
+/** Upper 32 bits of (hi:lo) << (s mod 32) (shf.l.wrap). */
+KVC_HD uint32_t funnelL(uint32_t lo, uint32_t hi, uint32_t s) {
+#ifdef __CUDA_ARCH__
+  return __funnelshift_l(lo, hi, s);
+#else
+  return uint32_t(((uint64_t(hi) << 32 | lo) << (s & 31)) >> 32);
+#endif
+}
+
+/** Bytes 2,3 of a and 2,3 of b: the half2 {a.value, b.value}. */
+KVC_HD uint32_t packHighHalves(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __byte_perm(a, b, 0x7632);
+#else
+  return (a >> 16) | (b & 0xFFFF0000u);
+#endif
+}
+
+/**
+ * Two codes starting at bit p of st (MSB-first words): one 32-bit window (two codes <= 24 bits),
+ * two lookups, p advanced by both lengths; returns half2 {value0, value1}. Raw segments take
+ * w-bit fields instead (w <= 12). shiftR = 32 - L.
+ */
+template <bool RAW>
+KVC_HD uint32_t decodePair(const uint32_t* st, uint32_t& p, const uint32_t* table, uint32_t shiftR, uint32_t w,
+                           int32_t center) {
+  const uint32_t k = p >> 5;
+  const uint32_t top = funnelL(st[k + 1], st[k], p);
+  uint32_t e0, e1;
+  if (RAW) {
+    e0 = (intToHalfBits(int32_t(top >> (32 - w)) - center) << 16) | w;
+    e1 = (intToHalfBits(int32_t((top << w) >> (32 - w)) - center) << 16) | w;
+  } else {
+    e0 = table[top >> shiftR];
+    e1 = table[funnelL(0, top, e0) >> shiftR];
+  }
+  p += (e0 + e1) & 31;
+  return packHighHalves(e0, e1);
+}
+
+/**
+ * decodePair with the window kept in registers: w0 w1 w2 = st[p/32 ..], so the next pair's
+ * window is a select (w0 w1 or w1 w2: two codes advance p by < 32 bits) and the word read for
+ * the pair after next is off the dependency chain (one shared-memory latency less per pair).
+ */
+struct PairReader {
+  uint32_t w0, w1, w2, p;
+  KVC_HD void start(const uint32_t* st, uint32_t p0) {
+    p = p0;
+    w0 = st[p0 >> 5];
+    w1 = st[(p0 >> 5) + 1];
+    w2 = st[(p0 >> 5) + 2];
+  }
+  /** FIRST: t1 = tableFirstLevel32 (shift1 = 32 - n1, this lane's bank), table = the u16 full table. */
+  template <bool FIRST>
+  static KVC_HD uint32_t lookup(uint32_t top, const uint32_t* table, uint32_t shiftR, int32_t center, const uint32_t* t1,
+                                uint32_t shift1, uint32_t lane) {
+    if (!FIRST) return table[top >> shiftR];
+    uint32_t e = t1[((top >> shift1) << 5) | lane];
+    if ((e & 31) == 0) {  // longer than n1 bits (rare): the u16 full table
+      const uint32_t u = reinterpret_cast<const uint16_t*>(table)[top >> shiftR];
+      e = (intToHalfBits(int32_t(u >> 4) - center) << 16) | (u & 15u);
+    }
+    return e;
+  }
+  template <bool RAW, bool FIRST = false>
+  KVC_HD uint32_t next(const uint32_t* st, const uint32_t* table, uint32_t shiftR, uint32_t w, int32_t center,
+                       const uint32_t* t1 = nullptr, uint32_t shift1 = 0, uint32_t lane = 0) {
+    const uint32_t top = funnelL(w1, w0, p);
+    uint32_t e0, e1;
+    if (RAW) {
+      e0 = (intToHalfBits(int32_t(top >> (32 - w)) - center) << 16) | w;
+      e1 = (intToHalfBits(int32_t((top << w) >> (32 - w)) - center) << 16) | w;
+    } else {
+      e0 = lookup<FIRST>(top, table, shiftR, center, t1, shift1, lane);
+      e1 = lookup<FIRST>(funnelL(0, top, e0), table, shiftR, center, t1, shift1, lane);
+    }
+    const uint32_t pn = p + ((e0 + e1) & 31);
+    const bool adv = (pn ^ p) >= 32u;
+    w0 = adv ? w1 : w0;
+    w1 = adv ? w2 : w1;
+    w2 = st[(pn >> 5) + 2];
+    p = pn;
+    return packHighHalves(e0, e1);
+  }
+};
+
+// mma.m16n8k16 mapping. Lane l = 4g + r (g = l / 4, r = l % 4) holds B column g, rows k in
+// {2r, 2r+1, 2r+8, 2r+9} = its own codes 4s..4s+3 of step s. Row m = 4j + r of A (tile mt covers
+// rows 16 mt .. 16 mt + 15) holds head j's weights at those four k only, zero elsewhere, so
+// C[4j + r][g] is lane (4g + r)'s own sum for head j: lanes never mix. A lane (g, t) carries a
+// non-zero A fragment only when t == g % 4; its register i holds head mmaHead(mt, g, i) at codes
+// 4s + mmaCode(i), 4s + mmaCode(i) + 1.
+KVC_HD uint32_t mmaHead(uint32_t mt, uint32_t g, uint32_t i) { return 4 * mt + (g >> 2) + 2 * (i & 1); }
+KVC_HD uint32_t mmaCode(uint32_t i) { return i & 2; }
+/** C register i of lane l in tile mt: the head and the lane whose sum it is. */
+KVC_HD uint32_t cHead(uint32_t mt, uint32_t lane, uint32_t i) { return 4 * mt + (lane >> 4) + 2 * (i >> 1); }
+KVC_HD uint32_t cOwner(uint32_t lane, uint32_t i) { return 8 * (lane & 3) + 4 * (i & 1) + ((lane >> 2) & 3); }
+/** Words of one step's A fragments in shared memory: 8 groups + 1 zero slot, 4 words each. */
+constexpr uint32_t kFragStepWords = 9 * 4;
 
 }  // namespace packkv::kvcomp::gpu

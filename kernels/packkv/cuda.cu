@@ -1,6 +1,6 @@
 // PackKV on the GPU: decode (bit-identical to cpu.cpp) and the fused products q·Kᵀ / p·V over the
 // packed stream (packkv/cuda_kernels.cuh), dispatched from one table over pack size x GQA group.
-// Encode runs the CPU encoder through host memory (no encode kernels; see docs/kernels.md).
+// Encode runs on the GPU (packkv/cuda_encode.cuh), byte-identical to cpu.cpp's encoder.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -10,8 +10,10 @@
 #include "common/cuda_check.h"
 #include "common/gpu_codec.h"
 #include "common/layout.h"
+#include "packkv/cuda_encode.cuh"
 #include "packkv/cuda_kernels.cuh"
 #include "packkv/cuda_kernels_v2.cuh"
+#include "packkv/cuda_kernels_v3.cuh"
 #include "packkv/format.h"
 #include "registry.h"
 
@@ -83,23 +85,32 @@ struct Launchers {
   void (*decode)(const Args&, unsigned grid, cudaStream_t);
   void (*qk2)(const Args&, dim3, size_t smem, cudaStream_t);
   void (*pv2)(const Args&, dim3, size_t smem, cudaStream_t);
+  void (*qk3)(const Args&, dim3, size_t smem, cudaStream_t);
+  void (*pv3)(const Args&, dim3, size_t smem, cudaStream_t);
+  int (*qk3Blocks)(size_t smem);  // v3 blocks resident per SM (grid = one wave)
+  int (*pv3Blocks)(size_t smem);
 };
 
-/** Products kernel version: v2 (staged segments, cuda_kernels_v2.cuh) unless PACKKV_GPU_KERNEL=v1. */
-bool useV2() {
-  static const bool v2 = [] {
+/** Products kernel version from PACKKV_GPU_KERNEL (v1, v2 or v3; default v3). v3 (tensor cores,
+ *  cuda_kernels_v3.cuh) needs head_dim 128; other head_dims run v2. */
+int kernelVersion() {
+  static const int v = [] {
     const char* e = std::getenv("PACKKV_GPU_KERNEL");
-    return !(e && std::string(e) == "v1");
+    const std::string s = e ? e : "";
+    return s == "v1" ? 1 : s == "v2" ? 2 : 3;
   }();
-  return v2;
+  return v;
 }
+bool useV2() { return kernelVersion() >= 2; }
+bool useV3(const Args& a) { return kernelVersion() == 3 && a.D == packkv_gpu::v3::kD; }
 
-/** Opts a kernel into more than 48 KB of dynamic shared memory (once per size it grows to). */
-template <typename K>
-void allowSmem(K kernel, size_t smem) {
+/** Opts kernel K into more than 48 KB of dynamic shared memory (once per size it grows to; one
+ *  record per kernel, as the attribute is). */
+template <auto K>
+void allowSmem(size_t smem) {
   static size_t allowed = 48 * 1024;
   if (smem <= allowed) return;
-  PACKKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  PACKKV_CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   allowed = smem;
 }
 
@@ -115,15 +126,40 @@ void launchPv(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
 }
 template <int P, int NR>
 void launchQk2(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
-  allowSmem(packkv_gpu::v2::qkKernel<P, NR>, smem);
+  allowSmem<packkv_gpu::v2::qkKernel<P, NR>>(smem);
   packkv_gpu::v2::qkKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
   PACKKV_LAUNCH_CHECK();
 }
 template <int P, int NR>
 void launchPv2(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
-  allowSmem(packkv_gpu::v2::pvKernel<P, NR>, smem);
+  allowSmem<packkv_gpu::v2::pvKernel<P, NR>>(smem);
   packkv_gpu::v2::pvKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
   PACKKV_LAUNCH_CHECK();
+}
+template <int P, int NR>
+void launchQk3(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  allowSmem<packkv_gpu::v3::qkKernel<P, NR>>(smem);
+  packkv_gpu::v3::qkKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+template <int P, int NR>
+void launchPv3(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  allowSmem<packkv_gpu::v3::pvKernel<P, NR>>(smem);
+  packkv_gpu::v3::pvKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+/** Blocks of kernel K resident per multiprocessor at this dynamic shared memory (cached). */
+template <auto K>
+int residentBlocks(size_t smem) {
+  static size_t cachedSmem = 0;
+  static int cached = 0;
+  if (cachedSmem != smem) {
+    allowSmem<K>(smem);
+    int n = 0;
+    PACKKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, K, kWarps * 32, smem));
+    cached = std::max(1, n), cachedSmem = smem;
+  }
+  return cached;
 }
 template <int P>
 void launchDecode(const Args& a, unsigned grid, cudaStream_t st) {
@@ -133,7 +169,9 @@ void launchDecode(const Args& a, unsigned grid, cudaStream_t st) {
 
 template <int P, int NR>
 constexpr Launchers row() {
-  return {launchQk<P, NR>, launchPv<P, NR>, launchDecode<P>, launchQk2<P, NR>, launchPv2<P, NR>};
+  return {launchQk<P, NR>, launchPv<P, NR>, launchDecode<P>, launchQk2<P, NR>, launchPv2<P, NR>,
+          launchQk3<P, NR>, launchPv3<P, NR>, residentBlocks<packkv_gpu::v3::qkKernel<P, NR>>,
+          residentBlocks<packkv_gpu::v3::pvKernel<P, NR>>};
 }
 
 // [pack 8, 16, 32][query heads per KV head 1, 2, 4, 8]
@@ -174,22 +212,11 @@ size_t workspaceBytes(const StreamView& s, uint32_t qHeads) {
   return counters + size_t(sh.heads) * pvSplits(a) * qHeads / sh.heads * sh.dim * sizeof(float);
 }
 
-/** No encode kernels: x is copied to the host, encoded by the CPU reference, and the body copied
- *  back (bit-identical by construction; synchronizes). */
+/** Encode kernels (cuda_encode.cuh): the CPU encoder's body and Breakdown, bit for bit, written
+ *  compact at the start of the bodyBytes() room; synchronizes once to read sizes and errors. */
 Breakdown encode(const float* x, const Shape& s, TensorKind kind, const Params& p, uint8_t* body, const gpu::Launch& l) {
-  std::vector<float> host(s.elements());
-  if (!host.empty())
-    PACKKV_CUDA_CHECK(cudaMemcpyAsync(host.data(), x, host.size() * sizeof(float), cudaMemcpyDeviceToHost, l.stream));
-  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
-  for (float v : host)
-    if (!std::isfinite(v)) throw CodecError("codec 'packkv': non-finite values (NaN/Inf) cannot be compressed");
-  const CodecDef& cpu = findCodec("packkv");
-  cpu.check(p, kind, s);
-  EncodedBody e = cpu.encode(host.data(), s, kind, p);
-  if (!e.bytes.empty())
-    PACKKV_CUDA_CHECK(cudaMemcpyAsync(body, e.bytes.data(), e.bytes.size(), cudaMemcpyHostToDevice, l.stream));
-  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
-  return e.breakdown;
+  findCodec("packkv").check(p, kind, s);
+  return packkv_gpu::enc::encodeOnDevice(x, s, kind, configOf(p, kind), body, l.stream);
 }
 
 void decode(const StreamView& s, float* out, const gpu::Launch& l) {
@@ -216,13 +243,18 @@ void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, fl
   const int items = a.nb * a.G + a.Tr;
   if (items == 0) return;
   if (useV2()) {  // runs of token blocks per block, about 4 blocks per SM over all heads
-    const int splits = std::max(1, std::min(std::max(a.nb, 1), (4 * gpu::multiprocessors() + a.H - 1) / a.H));
+    const bool v3 = useV3(a);
+    const size_t smem = v3 ? packkv_gpu::v3::qkSmemBytes(a.P, int(group))
+                           : 2 * size_t(packkv_gpu::v2::kBufBytes) + (size_t(group) * a.D + group) * sizeof(float);
+    // v2: about 4 blocks per SM over all heads; v3: as many as are resident at once (one wave).
+    const int perSm = v3 ? fn.qk3Blocks(smem) : 4;
+    const int splits = std::max(1, std::min(std::max(a.nb, 1), v3 ? perSm * gpu::multiprocessors() / a.H
+                                                                   : (perSm * gpu::multiprocessors() + a.H - 1) / a.H));
     const dim3 grid(unsigned(splits), unsigned(a.H));
-    const size_t smem = 2 * size_t(packkv_gpu::v2::kBufBytes) + (size_t(group) * a.D + group) * sizeof(float);
     for (uint32_t n = 0; n < nq; ++n) {
       a.in = q + size_t(n) * qHeads * a.D;
       a.out = scores + size_t(n) * qHeads * a.T;
-      fn.qk2(a, grid, smem, l.stream);
+      (v3 ? fn.qk3 : fn.qk2)(a, grid, smem, l.stream);
     }
     return;
   }
@@ -249,19 +281,21 @@ void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, fl
   const size_t need = workspaceBytes(s, qHeads);
   if (!l.workspace || l.workspaceBytes < need)
     gpuFail("p·V needs " + std::to_string(need) + " bytes of workspace, got " + std::to_string(l.workspaceBytes));
-  a.splits = pvSplits(a);
+  const bool v2 = useV2() && a.B <= packkv_gpu::v2::kPvSlots, v3 = v2 && useV3(a);
+  const size_t smem = v3   ? packkv_gpu::v3::pvSmemBytes(a.P, int(group))
+                      : v2 ? 2 * size_t(packkv_gpu::v2::kBufBytes) +
+                                 (2 * size_t(packkv_gpu::v2::kPvSlots) + size_t(kWarps) * a.D) * group * sizeof(float)
+                           : size_t(kWarps) * group * a.D * sizeof(float);
+  a.splits = pvSplits(a);  // the workspace holds this many partials per head
+  if (v3) a.splits = std::max(1, std::min(a.splits, fn.pv3Blocks(smem) * gpu::multiprocessors() / a.H));  // one wave
   a.counters = static_cast<unsigned*>(l.workspace);
   a.partial = reinterpret_cast<float*>(static_cast<uint8_t*>(l.workspace) +
                                        (a.H * sizeof(unsigned) + kCounterBytes - 1) / kCounterBytes * kCounterBytes);
   const dim3 grid(unsigned(a.splits), unsigned(a.H));
-  const bool v2 = useV2() && a.B <= packkv_gpu::v2::kPvSlots;
-  const size_t smem = v2 ? 2 * size_t(packkv_gpu::v2::kBufBytes) +
-                               (2 * size_t(packkv_gpu::v2::kPvSlots) + size_t(kWarps) * a.D) * group * sizeof(float)
-                         : size_t(kWarps) * group * a.D * sizeof(float);
   for (uint32_t n = 0; n < nq; ++n) {
     a.in = p + size_t(n) * qHeads * a.T;
     a.out = out + size_t(n) * qHeads * a.D;
-    (v2 ? fn.pv2 : fn.pv)(a, grid, smem, l.stream);
+    (v3 ? fn.pv3 : v2 ? fn.pv2 : fn.pv)(a, grid, smem, l.stream);
   }
 }
 

@@ -8,9 +8,12 @@
 // codes read once per GQA group). A V stream whose last channel group is partial (group ∤
 // head_dim, which TailorKV allows and KIVI does not) is refused with a CodecError.
 //
-// mode=s: decode runs here (the fp16 sinks/window rows and the offloaded tokens put back in token
-// order); encode round-trips through the CPU encoder. The products (approximate channel scoring and
-// per-query top-k in q·Kᵀ, sparse p·V) have no CUDA kernels yet and throw a CodecError.
+// mode=s (cuda_sparse.cuh): encode, decode, and the fused products run here. q·Kᵀ is four
+// launches per query step over all KV and query heads (approximate channel scoring in double,
+// a radix top-`budget` select with the CPU's tie rule, exact scores of the device and selected
+// rows, kMaskedScore elsewhere); p·V is one launch reading the device rows and the offloaded rows
+// with p != 0. Limits beyond cpu.cpp's check(): head_dim <= 1024 (q·Kᵀ, encode), head_dim 64 or
+// 128 and 1/2/4/8 query heads per KV head (p·V), at most 8 query heads per KV head (q·Kᵀ).
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -22,6 +25,7 @@
 #include "common/gpu_codec.h"
 #include "common/layout.h"
 #include "registry.h"
+#include "tailorkv/cuda_sparse.cuh"
 #include "tailorkv/format.h"
 
 namespace packkv {
@@ -105,6 +109,185 @@ __global__ void decodeSparseKernel(SparseArgs a) {
   }
 }
 
+// ---- mode=s: encode and the products (kernels in cuda_sparse.cuh) ----------------------------
+
+namespace sp = tailorkv::sparse;
+constexpr size_t kFlagBytes = 256;  // encode's error flag; the products' buffers follow
+
+/** Tokens the top-k keeps per query step and KV head (cpu.cpp: none without offloaded tokens). */
+uint32_t selectedOf(const Params& p, const SparseLayout& lay) {
+  const uint32_t budget = uint32_t(p.integer("budget"));
+  return lay.hostTokens > 0 ? std::min(budget, lay.hostTokens) : 0;
+}
+
+/** Tokens per block of the scoring kernels: about eight blocks per SM over all KV heads. */
+uint32_t chunkOf(uint32_t M, uint32_t H) {
+  const uint64_t want = (uint64_t(M) * H + 8 * gpu::multiprocessors() - 1) / (8 * gpu::multiprocessors());
+  const uint64_t c = (want + sp::kApproxThreads - 1) / sp::kApproxThreads * sp::kApproxThreads;
+  return uint32_t(std::min<uint64_t>(std::max<uint64_t>(c, sp::kApproxThreads), 8192));
+}
+
+using PvFn = void (*)(sp::PvArgs);
+struct PvEntry {
+  uint32_t dim, group;
+  PvFn fn;
+};
+const PvEntry kPvTable[] = {
+    {64, 1, sp::pvKernel<64, 1>},   {64, 2, sp::pvKernel<64, 2>},   {64, 4, sp::pvKernel<64, 4>},
+    {64, 8, sp::pvKernel<64, 8>},   {128, 1, sp::pvKernel<128, 1>}, {128, 2, sp::pvKernel<128, 2>},
+    {128, 4, sp::pvKernel<128, 4>}, {128, 8, sp::pvKernel<128, 8>},
+};
+PvFn pvKernelFor(uint32_t dim, uint32_t group) {
+  for (const PvEntry& e : kPvTable)
+    if (e.dim == dim && e.group == group) return e.fn;
+  return nullptr;
+}
+
+/** Row splits of p·V per KV head: one wave of resident blocks over all heads. */
+uint32_t pvSplitsOf(PvFn fn, uint32_t rows, uint32_t H) {
+  int perSm = 0;
+  PACKKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, fn, sp::kPvThreads, 0));
+  const uint32_t tiles = (rows + 31) / 32, resident = uint32_t(std::max(perSm, 1) * gpu::multiprocessors());
+  const uint32_t byWork = std::max(1u, tiles / (2 * sp::kPvThreads / 32));  // >= 2 tiles per warp
+  return std::max(1u, std::min(byWork, std::max(1u, resident / H)));
+}
+
+size_t sparseWorkspaceBytes(const StreamView& s, uint32_t qHeads) {
+  const Shape& sh = s.header.shape;
+  const SparseLayout lay = sparseLayout(s.params, s.header.kind, sh);
+  if (s.header.kind == TensorKind::Key)
+    return kFlagBytes + sp::qkWorkspaceBytes(sh.heads, lay.hostTokens, selectedOf(s.params, lay));
+  const uint32_t group = sh.heads ? qHeads / sh.heads : 0;
+  PvFn fn = pvKernelFor(sh.dim, group);
+  if (!fn) return kFlagBytes;
+  const uint32_t splits = pvSplitsOf(fn, lay.deviceTokens + lay.hostTokens, sh.heads);
+  return kFlagBytes + (size_t(sh.heads) * 4 + 255) / 256 * 256 + size_t(sh.heads) * splits * group * sh.dim * 4;
+}
+
+void requireWorkspace(const StreamView& s, uint32_t qHeads, const gpu::Launch& l) {
+  const size_t need = sparseWorkspaceBytes(s, qHeads);
+  if (!l.workspace || l.workspaceBytes < need)
+    fail("mode=s needs " + std::to_string(need) + " bytes of workspace, got " + std::to_string(l.workspaceBytes));
+}
+
+Breakdown encodeSparse(const float* x, const Shape& s, TensorKind kind, const Params& p, uint8_t* body,
+                       const gpu::Launch& l) {
+  const SparseLayout lay = sparseLayout(p, kind, s);
+  if (s.dim > 1024) fail("mode=s encode supports head_dim <= 1024, got " + std::to_string(s.dim));
+  if (!l.workspace || l.workspaceBytes < sizeof(int)) fail("mode=s encode needs a workspace (its error flag)");
+  int* bad = static_cast<int*>(l.workspace);
+  sp::EncodeArgs a{x,
+                   reinterpret_cast<uint16_t*>(body + lay.deviceOff),
+                   reinterpret_cast<uint16_t*>(body + lay.maxAbsOff),
+                   reinterpret_cast<uint16_t*>(body + lay.hostOff),
+                   s.heads, s.tokens, s.dim, lay.sinks, lay.window, lay.hostTokens, lay.deviceTokens,
+                   kind == TensorKind::Key, bad};
+  const size_t n = size_t(s.heads) * (lay.deviceTokens + lay.hostTokens) * s.dim;
+  if (n > 0) {
+    const unsigned grid = unsigned(std::min<size_t>((n + 255) / 256, size_t(gpu::multiprocessors()) * 16));
+    sp::encodeRowsKernel<<<grid, 256, 0, l.stream>>>(a);
+    PACKKV_LAUNCH_CHECK();
+  }
+  if (kind == TensorKind::Key && s.heads > 0 && s.dim > 0) {
+    sp::maxAbsKernel<<<s.heads, 1024, 0, l.stream>>>(a);
+    PACKKV_LAUNCH_CHECK();
+  }
+  int flag = 0;
+  PACKKV_CUDA_CHECK(cudaMemcpyAsync(&flag, bad, sizeof flag, cudaMemcpyDeviceToHost, l.stream));
+  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
+  if (flag) {
+    PACKKV_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), l.stream));  // hand the workspace back zeroed
+    PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
+    throw CodecError("codec 'tailorkv': value out of the fp16 range (|x| > 65504) or not finite");
+  }
+  Breakdown b;
+  b.residual = lay.deviceBytes;
+  b.metadata = lay.maxAbsBytes;
+  b.host = lay.hostBytes;
+  return b;
+}
+
+void qkSparse(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, float* scores,
+              const gpu::Launch& l) {
+  const Shape& sh = s.header.shape;
+  const SparseLayout lay = sparseLayout(s.params, s.header.kind, sh);
+  requireBodyBytes(s, lay.total);
+  const uint32_t G = qHeads / sh.heads;
+  if (sh.dim > 1024) fail("mode=s q·Kᵀ supports head_dim <= 1024, got " + std::to_string(sh.dim));
+  if (G > sp::kMaxGroup)
+    fail("mode=s q·Kᵀ supports at most " + std::to_string(sp::kMaxGroup) + " query heads per KV head, got " +
+         std::to_string(G));
+  requireWorkspace(s, qHeads, l);
+  sp::QkArgs a{};
+  a.dev = reinterpret_cast<const uint16_t*>(s.body + lay.deviceOff);
+  a.maxAbs = reinterpret_cast<const uint16_t*>(s.body + lay.maxAbsOff);
+  a.host = reinterpret_cast<const uint16_t*>(s.body + lay.hostOff);
+  a.H = sh.heads, a.T = sh.tokens, a.D = sh.dim, a.G = G, a.sinks = lay.sinks, a.window = lay.window;
+  a.M = lay.hostTokens, a.devTokens = lay.deviceTokens, a.channels = uint32_t(s.params.integer("channels"));
+  a.k = selectedOf(s.params, lay);
+  a.chunk = chunkOf(a.M, a.H);
+  sp::qkWorkspaceSplit(a, static_cast<uint8_t*>(l.workspace) + kFlagBytes);
+  const dim3 chunks((a.M + a.chunk - 1) / a.chunk, a.H);
+  const size_t approxSmem = 2 * size_t(a.D) * 8 + (sp::kBins + a.D) * 4;
+  const size_t exactSmem = sp::exactSmemOf(a.D, G);
+  const uint32_t exactRows = a.devTokens + a.k, perBlock = sp::exactRowsOf(a.D);
+  static bool smemRaised = false;  // up to 48.2 KB at head_dim 1024 with 8 query heads per KV head
+  if (!smemRaised) {
+    PACKKV_CUDA_CHECK(cudaFuncSetAttribute(sp::exactKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10));
+    smemRaised = true;
+  }
+  for (uint32_t n = 0; n < nq; ++n) {
+    a.q = reinterpret_cast<const __half*>(q) + size_t(n) * qHeads * sh.dim;
+    a.scores = scores + size_t(n) * qHeads * sh.tokens;
+    if (a.M > 0 && sh.heads > 0) {
+      sp::approxKernel<<<chunks, sp::kApproxThreads, approxSmem, l.stream>>>(a);
+      PACKKV_LAUNCH_CHECK();
+      if (a.k > 0) {
+        sp::candidateKernel<<<chunks, sp::kApproxThreads, 0, l.stream>>>(a);
+        PACKKV_LAUNCH_CHECK();
+        sp::finalSelectKernel<<<a.H, sp::kSelectThreads, 0, l.stream>>>(a);
+        PACKKV_LAUNCH_CHECK();
+      }
+    }
+    if (exactRows > 0 && sh.heads > 0) {
+      const dim3 grid((exactRows + perBlock - 1) / perBlock, a.H);
+      sp::exactKernel<<<grid, sp::kExactThreads, exactSmem, l.stream>>>(a);
+      PACKKV_LAUNCH_CHECK();
+    }
+  }
+}
+
+void pvSparse(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, float* out,
+              const gpu::Launch& l) {
+  const Shape& sh = s.header.shape;
+  const SparseLayout lay = sparseLayout(s.params, s.header.kind, sh);
+  requireBodyBytes(s, lay.total);
+  const uint32_t G = qHeads / sh.heads;
+  PvFn fn = pvKernelFor(sh.dim, G);
+  if (!fn)
+    fail("mode=s p·V has CUDA kernels for head_dim 64/128 and 1/2/4/8 query heads per KV head, got head_dim " +
+         std::to_string(sh.dim) + " with " + std::to_string(G));
+  if (reinterpret_cast<uintptr_t>(s.body) % 16 != 0) fail("mode=s p·V needs a 16-byte aligned stream body");
+  requireWorkspace(s, qHeads, l);
+  const uint32_t rows = lay.deviceTokens + lay.hostTokens;
+  sp::PvArgs a{};
+  a.dev = reinterpret_cast<const uint16_t*>(s.body + lay.deviceOff);
+  a.host = reinterpret_cast<const uint16_t*>(s.body + lay.hostOff);
+  a.H = sh.heads, a.T = sh.tokens, a.sinks = lay.sinks, a.window = lay.window, a.M = lay.hostTokens;
+  a.devTokens = lay.deviceTokens;
+  a.splits = pvSplitsOf(fn, rows, sh.heads);
+  a.tilesPerBlock = ((rows + 31) / 32 + a.splits - 1) / a.splits;
+  uint8_t* ws = static_cast<uint8_t*>(l.workspace) + kFlagBytes;
+  a.counters = reinterpret_cast<unsigned*>(ws);
+  a.partial = reinterpret_cast<float*>(ws + (size_t(sh.heads) * 4 + 255) / 256 * 256);
+  for (uint32_t n = 0; n < nq; ++n) {
+    a.p = reinterpret_cast<const __half*>(p) + size_t(n) * qHeads * sh.tokens;
+    a.out = out + size_t(n) * qHeads * sh.dim;
+    fn<<<dim3(a.splits, sh.heads), sp::kPvThreads, 0, l.stream>>>(a);
+    PACKKV_LAUNCH_CHECK();
+  }
+}
+
 // ---- the GpuCodecDef entries -----------------------------------------------------------------
 
 uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
@@ -117,7 +300,7 @@ uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
 
 size_t workspaceBytes(const StreamView& s, uint32_t qHeads) {
   if (modeOf(s.params) == Mode::Quant) return asKivi([&] { return kiviRow().workspaceBytes(kiviView(s), qHeads); });
-  return 256;
+  return sparseWorkspaceBytes(s, qHeads);
 }
 
 Breakdown encode(const float* x, const Shape& s, TensorKind kind, const Params& p, uint8_t* body, const gpu::Launch& l) {
@@ -127,15 +310,7 @@ Breakdown encode(const float* x, const Shape& s, TensorKind kind, const Params& 
     Params kp = kiviParams(p, kind, s);
     return asKivi([&] { return kiviRow().encode(x, s, kind, kp, body, l); });
   }
-  std::vector<float> hx(s.elements());
-  PACKKV_CUDA_CHECK(cudaMemcpyAsync(hx.data(), x, hx.size() * sizeof(float), cudaMemcpyDeviceToHost, l.stream));
-  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
-  for (float v : hx)
-    if (!std::isfinite(v)) throw CodecError("codec 'tailorkv': non-finite values (NaN/Inf) cannot be compressed");
-  EncodedBody e = cpu.encode(hx.data(), s, kind, p);
-  PACKKV_CUDA_CHECK(cudaMemcpyAsync(body, e.bytes.data(), e.bytes.size(), cudaMemcpyHostToDevice, l.stream));
-  PACKKV_CUDA_CHECK(cudaStreamSynchronize(l.stream));
-  return e.breakdown;
+  return encodeSparse(x, s, kind, p, body, l);
 }
 
 void decode(const StreamView& s, float* out, const gpu::Launch& l) {
@@ -157,12 +332,12 @@ void decode(const StreamView& s, float* out, const gpu::Launch& l) {
 void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, float* scores, const gpu::Launch& l) {
   if (modeOf(s.params) == Mode::Quant)
     return asKivi([&] { kiviRow().qk(kiviView(s), q, qHeads, nq, scores, l); });
-  throw CodecError("tailorkv mode=s has no CUDA kernels yet (q·Kᵀ with channel scoring and top-k)");
+  qkSparse(s, q, qHeads, nq, scores, l);
 }
 
 void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, float* out, const gpu::Launch& l) {
   if (modeOf(s.params) == Mode::Quant) return asKivi([&] { kiviRow().pv(kiviView(s), p, qHeads, nq, out, l); });
-  throw CodecError("tailorkv mode=s has no CUDA kernels yet (sparse p·V)");
+  pvSparse(s, p, qHeads, nq, out, l);
 }
 
 }  // namespace

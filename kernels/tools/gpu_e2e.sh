@@ -21,4 +21,5 @@ export PACKKV_ADDON=/tmp/b/packkv_native.node
 node -e "const n=require(process.env.PACKKV_ADDON); console.log(JSON.stringify(n.backends()), n.gpuCodecs())"
 node node_modules/vitest/vitest.mjs run test/gpu.test.ts > "$out/gpu-tests.log" 2>&1; echo "gpu tests rc=$?"; grep -E "✓|×|Tests|FAIL|Error" "$out/gpu-tests.log" | head -30
 node bin/packkv.js bench --device auto --results "$out/res" --no-progress > "$out/bench-gpu.txt" 2>&1; echo "bench rc=$?"; tail -14 "$out/bench-gpu.txt"
-/tmp/b/packkv_gpubench "$out/gb/gpu-all-h100.jsonl" "$@" 2>&1 | grep -E "^\||FAIL|copy|error" | head -60
+/tmp/b/packkv_gpubench "$out/gb/gpu-all-h100.jsonl" "$@" > "$out/gb/gpubench.log" 2>&1; echo "gpubench rc=$?"
+grep -E "^\||FAIL|copy|error|checks" "$out/gb/gpubench.log" | head -80

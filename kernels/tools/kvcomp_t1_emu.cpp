@@ -4,8 +4,13 @@
 // walked with each decoder (full table, first-level table of 1..8 bits, raw) for the lane it
 // would run on; the dequantized values must equal the CPU decode bit for bit. It also counts the
 // shared-memory wavefronts a warp's lookups cost (32 consecutive vectors in lockstep).
+// Second part (mmaRun): the tensor-core product path of cuda.cu (qkMmaKernel / pvMmaKernel) for
+// head_dim = v_block = 128: the 32-bit table (tableFill32), decodePair over each lane's vector,
+// the A fragments as the kernels write them, and mma.m16n8k16 emulated from the PTX fragment
+// layout (independently of mmaHead / cOwner); products vs a double reference over the CPU decode.
 //   g++ -O2 -std=c++17 -Ikernels -I/usr/local/cuda/include kernels/tools/kvcomp_t1_emu.cpp \
 //       build-X/CMakeFiles/packkv_codecs.dir/kernels/{*,*/cpu}.cpp.o -lpthread -o kvcomp_t1_emu
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -134,6 +139,250 @@ Result run(const StreamView& v, const std::vector<float>& cpuDecoded, uint32_t n
   return r;
 }
 
+// ---- tensor-core path -------------------------------------------------------------------------
+
+/** mma.m16n8k16 (row.col, f16 in, f32 accumulate) from the PTX fragment layout, 32 lanes. */
+void mmaEmu(const uint32_t (&a)[32][4], const uint32_t (&b)[32][2], float (&c)[32][4]) {
+  double A[16][16], B[16][8];
+  auto hf = [](uint32_t word, int half) { return double(kg::halfBitsToFloat(uint16_t(word >> (16 * half)))); };
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int e = 0; e < 8; ++e) {  // a0..a7: row g (+8 for a2,a3,a6,a7), col 2t + (e&1) (+8 for e >= 4)
+      const int row = g + ((e / 2) % 2) * 8, col = 2 * t + (e & 1) + (e >= 4 ? 8 : 0);
+      A[row][col] = hf(a[l][e / 2], e & 1);
+    }
+    for (int e = 0; e < 4; ++e) B[2 * t + (e & 1) + (e >= 2 ? 8 : 0)][g] = hf(b[l][e / 2], e & 1);
+  }
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    for (int e = 0; e < 4; ++e) {
+      const int row = g + (e >= 2 ? 8 : 0), col = 2 * t + (e & 1);
+      double sum = 0;
+      for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+      c[l][e] = float(double(c[l][e]) + sum);
+    }
+  }
+}
+
+/** fragIndex of cuda.cu. */
+void fragIdx(uint32_t idx, uint32_t& i, uint32_t& g, uint32_t& s, uint32_t& mt) {
+  i = idx & 3;
+  g = (idx >> 2) % 9;
+  s = (idx / kg::kFragStepWords) % 32;
+  mt = idx / (32 * kg::kFragStepWords);
+}
+
+/** Rel. L2 of the emulated tensor-core product vs double over the CPU decode (coded tokens only). */
+double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::Inputs& in, uint32_t G, bool& tableOk,
+              double (&wfStats)[6]) {
+  const Shape& s = v.header.shape;
+  const TensorKind kind = v.header.kind;
+  const bool key = kind == TensorKind::Key;
+  const kvcomp::Geometry g = kvcomp::geometryOf(s, kind, uint32_t(v.params.integer(key ? "k_block" : "v_block")),
+                                                uint32_t(v.params.integer(key ? "k_recent" : "v_recent")));
+  const uint8_t* body = v.body;
+  const kg::DevLayout l = kg::layoutFromHeader(body, g.units, g.segments, g.vecsPerSeg);
+  const uint32_t L = std::min(std::max(l.maxLength, 1u), 12u), A = l.alphabet, threads = 256;
+  const int32_t center = kg::symbolCenter(A);
+  std::vector<uint8_t> lens(A);
+  std::vector<uint16_t> sorted(A), t16(1u << L);
+  std::vector<uint32_t> t32(1u << L);
+  kg::TableScratch ts{};
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableLengths(tid, threads, body, A, lens.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableCount(tid, lens.data(), A, ts);
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, ts);
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, lens.data(), A, ts, sorted.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, L, ts, sorted.data(), t16.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill32(tid, threads, L, ts, sorted.data(), center, t32.data());
+  for (uint32_t e = 0; e < (1u << L); ++e)  // same codeword; value = symbol - center exactly
+    if ((t32[e] & 31) != (t16[e] & 15u) ||
+        double(kg::halfBitsToFloat(uint16_t(t32[e] >> 16))) != double(int32_t(t16[e] >> 4) - center))
+      tableOk = false;
+  const uint32_t w = kvcomp::rawWidth(A), shiftR = 32 - L, MT = (4 * G + 15) / 16, tileWords = 32 * kg::kFragStepWords;
+  // first levels (PACKKV_KVCOMP_T1 = 6 and 8): per-lane 32-bit entries, the u16 table for escapes
+  const uint32_t n1s[2] = {kg::firstLevelBits(L, 6), kg::firstLevelBits(L, 8)};
+  std::vector<uint32_t> t1s[2];
+  for (int f = 0; f < 2; ++f) {
+    t1s[f].assign(32u << n1s[f], 0);
+    for (uint32_t tid = 0; tid < threads; ++tid)
+      kg::tableFirstLevel32(tid, threads, L, n1s[f], t16.data(), center, t1s[f].data());
+  }
+  const uint32_t* segTab = reinterpret_cast<const uint32_t*>(body + l.segOff);
+  const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(body + l.vecOff);
+  const uint32_t T = s.tokens, D = s.dim, qHeads = s.heads * G;
+  double err = 0, ref = 0;
+  std::vector<double> pvOut(size_t(qHeads) * D, 0.0), pvRef(size_t(qHeads) * D, 0.0);
+  std::vector<float> pvAcc(size_t(qHeads) * D, 0.f), pvZ(size_t(qHeads), 0.f);
+  std::vector<uint32_t> st, frag;
+  for (uint32_t seg = 0; seg < g.segments; ++seg) {
+    const bool raw = segTab[seg] & kvcomp::kRawSegmentFlag;
+    const uint64_t start = l.arenaOff + (segTab[seg] & ~kvcomp::kRawSegmentFlag);
+    const uint64_t end = l.arenaOff + (seg + 1 < g.segments ? segTab[seg + 1] & ~kvcomp::kRawSegmentFlag : l.arenaBytes);
+    const uint64_t w0 = start >> 2, n = (end + 3) / 4 - w0;
+    st.assign(n + 4 + 64, 0);
+    for (uint64_t k = 0; k < n; ++k) {
+      uint32_t val = 0;
+      for (uint32_t i = 0; i < 4; ++i)
+        if ((w0 + k) * 4 + i < v.bodyBytes) val |= uint32_t(body[(w0 + k) * 4 + i]) << (8 * i);
+      st[k] = kg::bswap32(val);
+    }
+    const uint32_t b = seg / g.heads, h = seg % g.heads;
+    // A fragments, as the kernels write them
+    frag.assign(size_t(2) * MT * tileWords, 0);
+    float mult = 1.f;
+    std::vector<float> zs(G, 0.f);
+    if (!key) {
+      float mx = 0.f;
+      std::vector<float> wt(size_t(g.block) * G);
+      for (uint32_t i = 0; i < g.block; ++i) {
+        const uint32_t t = b * g.block + i;
+        const float sc = kg::scaleOf(body, l, t), zpc = float(kg::zeroPoint(body, l, t) + center);
+        for (uint32_t j = 0; j < G; ++j) {
+          wt[i * G + j] = halfToFloat(in.pHalf[size_t(h * G + j) * T + t]) * sc;
+          mx = std::max(mx, std::fabs(wt[i * G + j]));
+          zs[j] = std::fma(wt[i * G + j], zpc, zs[j]);  // order differs from the kernel's shuffle tree
+        }
+      }
+      int e = 0;
+      std::frexp(mx, &e);
+      mult = mx > 0 ? std::ldexp(1.f, std::min(std::max(15 - e, -100), 100)) : 1.f;
+      for (uint32_t idx = 0; idx < MT * tileWords; ++idx) {
+        uint32_t i, gg, st_, mt;
+        fragIdx(idx, i, gg, st_, mt);
+        const uint32_t j = kg::mmaHead(mt, gg, i), tk = 4 * st_ + kg::mmaCode(i);
+        if (gg < 8 && j < G)
+          for (uint32_t u = 0; u < 2; ++u) {
+            const float ws = wt[(tk + u) * G + j] * mult;
+            const uint16_t hi = floatToHalf(ws), lo = floatToHalf(ws - halfToFloat(hi));
+            frag[idx] |= uint32_t(hi) << (16 * u);
+            frag[MT * tileWords + idx] |= uint32_t(lo) << (16 * u);
+          }
+      }
+    } else {
+      for (uint32_t idx = 0; idx < MT * tileWords; ++idx) {
+        uint32_t i, gg, st_, mt;
+        fragIdx(idx, i, gg, st_, mt);
+        const uint32_t j = kg::mmaHead(mt, gg, i), d = 4 * st_ + kg::mmaCode(i);
+        if (gg < 8 && j < G)
+          frag[idx] = uint32_t(in.qHalf[size_t(h * G + j) * D + d]) | uint32_t(in.qHalf[size_t(h * G + j) * D + d + 1]) << 16;
+      }
+    }
+    const uint32_t split = key ? 1 : 2;
+    uint32_t bit0 = uint32_t(start & 3) * 8;
+    for (uint32_t w0v = 0; w0v < g.vecsPerSeg; w0v += 32) {
+      uint32_t pos[32];
+      for (uint32_t k = 0; k < 32; ++k) {
+        pos[k] = bit0;
+        bit0 += vecBits[size_t(seg) * g.vecsPerSeg + w0v + k];
+      }
+      float c[4][32][4] = {};  // [MT][lane][reg]
+      kg::PairReader rd[32];  // the kernels' reader; decodePair (its plain form) must agree
+      kg::PairReader rdF[2][32];  // with the first levels
+      for (uint32_t ln = 0; ln < 32; ++ln) {
+        rd[ln].start(st.data(), pos[ln]);
+        rdF[0][ln].start(st.data(), pos[ln]);
+        rdF[1][ln].start(st.data(), pos[ln]);
+      }
+      for (uint32_t step = 0; step < 32; ++step) {
+        uint32_t bb[32][2];
+        for (uint32_t r = 0; r < 2; ++r) {
+          // shared-memory wavefronts of this warp-pair: max distinct words per bank per load
+          std::map<uint32_t, std::set<uint32_t>> l0, l1, lw, esc[2][2];
+          for (uint32_t ln = 0; ln < 32 && !raw; ++ln) {
+            const kg::PairReader q = rd[ln];
+            const uint32_t top = kg::funnelL(q.w1, q.w0, q.p), i0 = top >> shiftR, i1 = kg::funnelL(0, top, t32[i0]) >> shiftR;
+            const uint32_t pn = q.p + ((t32[i0] + t32[i1]) & 31);
+            l0[i0 & 31].insert(i0);
+            l1[i1 & 31].insert(i1);
+            if ((pn ^ q.p) >= 32) lw[((pn >> 5) + 2) & 31].insert((pn >> 5) + 2);
+          }
+          for (auto* m : {&l0, &l1, &lw}) {
+            size_t mx = 0;
+            for (auto& x : *m) mx = std::max(mx, x.second.size());
+            wfStats[m == &l0 ? 0 : m == &l1 ? 1 : 2] += double(mx);
+          }
+          wfStats[3] += raw ? 0.0 : 1.0;
+          for (uint32_t ln = 0; ln < 32; ++ln) {
+            bb[ln][r] = raw ? rd[ln].next<true>(st.data(), t32.data(), shiftR, w, center)
+                            : rd[ln].next<false>(st.data(), t32.data(), shiftR, w, center);
+            const uint32_t plain = raw ? kg::decodePair<true>(st.data(), pos[ln], t32.data(), shiftR, w, center)
+                                       : kg::decodePair<false>(st.data(), pos[ln], t32.data(), shiftR, w, center);
+            if (plain != bb[ln][r] || pos[ln] != rd[ln].p) tableOk = false;
+            if (!raw)
+              for (int f = 0; f < 2; ++f) {
+                // escapes of this pair, for the wavefront count (u16 words among escaping lanes)
+                const kg::PairReader q = rdF[f][ln];
+                const uint32_t top = kg::funnelL(q.w1, q.w0, q.p);
+                const uint32_t e0 = kg::PairReader::lookup<true>(top, reinterpret_cast<const uint32_t*>(t16.data()), shiftR,
+                                                                 center, t1s[f].data(), 32 - n1s[f], ln);
+                const uint32_t top1 = kg::funnelL(0, top, e0);
+                if ((t1s[f][((top >> (32 - n1s[f])) << 5) | ln] & 31) == 0) esc[f][0][((top >> shiftR) >> 1) & 31].insert((top >> shiftR) >> 1);
+                if ((t1s[f][((top1 >> (32 - n1s[f])) << 5) | ln] & 31) == 0) esc[f][1][((top1 >> shiftR) >> 1) & 31].insert((top1 >> shiftR) >> 1);
+                const uint32_t got = rdF[f][ln].next<false, true>(st.data(), reinterpret_cast<const uint32_t*>(t16.data()), shiftR, w,
+                                                                  center, t1s[f].data(), 32 - n1s[f], ln);
+                if (got != plain || rdF[f][ln].p != rd[ln].p) tableOk = false;
+              }
+            else
+              for (int f = 0; f < 2; ++f) rdF[f][ln] = rd[ln];
+          }
+          for (int f = 0; f < 2 && !raw; ++f)
+            for (int k = 0; k < 2; ++k) {
+              size_t mx = 0;
+              for (auto& x : esc[f][k]) mx = std::max(mx, x.second.size());
+              wfStats[4 + f] += 1.0 + double(mx);
+              esc[f][k].clear();
+            }
+        }
+        for (uint32_t sp = 0; sp < split; ++sp)
+          for (uint32_t mt = 0; mt < MT; ++mt) {
+            uint32_t aa[32][4];
+            for (uint32_t ln = 0; ln < 32; ++ln) {
+              const uint32_t slotG = (ln & 3) == ((ln >> 2) & 3) ? (ln >> 2) : 8;
+              for (uint32_t r = 0; r < 4; ++r)
+                aa[ln][r] = frag[(sp * MT + mt) * tileWords + step * kg::kFragStepWords + slotG * 4 + r];
+            }
+            mmaEmu(aa, bb, c[mt]);
+          }
+      }
+      for (uint32_t mt = 0; mt < MT; ++mt)
+        for (uint32_t ln = 0; ln < 32; ++ln)
+          for (uint32_t r = 0; r < 4; ++r) {
+            const uint32_t j = kg::cHead(mt, ln, r), own = w0v + kg::cOwner(ln, r);
+            if (j >= G) continue;
+            if (key) {
+              const uint32_t t = b * g.block + own;
+              float qsum = 0.f;
+              for (uint32_t d = 0; d < D; ++d) qsum += halfToFloat(in.qHalf[size_t(h * G + j) * D + d]);
+              const float zpc = float(kg::zeroPoint(body, l, b) + center), sc = kg::scaleOf(body, l, b);
+              const float got = sc * std::fma(zpc, qsum, c[mt][ln][r]);
+              double want = 0;
+              for (uint32_t d = 0; d < D; ++d)
+                want += double(halfToFloat(in.qHalf[size_t(h * G + j) * D + d])) * dec[(size_t(h) * T + t) * D + d];
+              err += (got - want) * (got - want);
+              ref += want * want;
+            } else {
+              pvAcc[size_t(h * G + j) * D + own] = std::fma(c[mt][ln][r], 1.f / mult, pvAcc[size_t(h * G + j) * D + own]);
+            }
+          }
+    }
+    if (!key)
+      for (uint32_t j = 0; j < G; ++j) pvZ[h * G + j] += zs[j];
+  }
+  if (!key) {
+    for (uint32_t hq = 0; hq < qHeads; ++hq)
+      for (uint32_t d = 0; d < D; ++d) {
+        double want = 0;
+        const uint32_t h = hq / G;
+        for (uint32_t t = 0; t < g.codedTokens; ++t)
+          want += double(halfToFloat(in.pHalf[size_t(hq) * T + t])) * dec[(size_t(h) * T + t) * D + d];
+        const double got = double(pvAcc[size_t(hq) * D + d] + pvZ[hq]);
+        err += (got - want) * (got - want);
+        ref += want * want;
+      }
+  }
+  return ref > 0 ? std::sqrt(err / ref) : std::sqrt(err);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -164,6 +413,33 @@ int main(int argc, char** argv) {
       }
     }
   }
+  // tensor-core products: head_dim = v_block = 128, k_block a multiple of 32
+  bool mmaOk = true;
+  for (uint32_t G : {4u, 1u, 8u}) {
+    Shape s{2, tokens, 128};
+    bench::Inputs in = bench::makeInputs(s, 2 * G, 91 + G);
+    for (const char* spec : {"kvcomp", "kvcomp:k_rel=0.01,v_rel=0.01", "kvcomp:k_rel=0.001,v_rel=0.003",
+                             "kvcomp:k_rel=0.3,v_rel=0.9,k_block=32,k_recent=64", "kvcomp:k_block=256,k_recent=512"}) {
+      for (TensorKind kind : {TensorKind::Key, TensorKind::Value}) {
+        ParsedSpec ps = parseSpec(spec);
+        const std::vector<float>& x = kind == TensorKind::Key ? in.keys : in.values;
+        std::vector<uint8_t> stream = encodeStream(ps, kind, x.data(), s, nullptr);
+        StreamView v = openStream(stream.data(), stream.size());
+        std::vector<float> ref(s.elements());
+        decodeStream(v, ref.data());
+        bool tableOk = true;
+        double wf[6] = {};
+        const double rel = mmaRun(v, ref, in, G, tableOk, wf);
+        const bool ok = tableOk && rel < 5e-6;  // the bench checks 1e-5
+        mmaOk &= ok;
+        std::printf("mma G=%u %-44s %s: wavefronts/warp-pair: lookups %.2f + %.2f (T1=6: %.2f, T1=8: %.2f), word %.2f; table %s rel L2 %.3g %s\n",
+                    G, spec, kindName(kind), wf[3] ? wf[0] / wf[3] : 0.0, wf[3] ? wf[1] / wf[3] : 0.0,
+                    wf[3] ? wf[4] / wf[3] : 0.0, wf[3] ? wf[5] / wf[3] : 0.0, wf[3] ? wf[2] / wf[3] : 0.0,
+                    tableOk ? "ok" : "BAD", rel, ok ? "ok" : "FAIL");
+      }
+    }
+  }
+  allOk &= mmaOk;
   std::printf(allOk ? "all bit-identical\n" : "MISMATCHES\n");
   return allOk ? 0 : 1;
 }
