@@ -76,7 +76,7 @@ function chooseDevice(requested: BenchOptions['device'], specs: string[], say: (
     say(`packkv: ${cuda.reason}; running on the CPU reference`);
     return 'cpu';
   }
-  say(`packkv: ${cuda.device}: decode and fused products on the GPU` + (cpuOnly.length ? `; ${cpuOnly.join(', ')} on the CPU reference (no CUDA kernels yet)` : ''));
+  say(`packkv: ${cuda.device}: encode (checked against the CPU bytes), decode and fused products on the GPU` + (cpuOnly.length ? `; ${cpuOnly.join(', ')} on the CPU reference (no CUDA kernels yet)` : ''));
   return 'cuda';
 }
 
