@@ -37,6 +37,8 @@
 #include "kvcomp/format.h"
 #include "kvcomp/huffman.h"
 
+#include "common/bits.h"
+
 #ifdef __CUDACC__
 #define KVE_HD __host__ __device__ __forceinline__
 #else
@@ -48,42 +50,9 @@ namespace packkv::kvcomp::enc {
 constexpr uint32_t kAlphabetLimit = 4096;
 constexpr uint32_t kHalfMaxBits = 0x477FE000u;  // bits of 65504.f
 
-KVE_HD uint32_t bitsOf(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-KVE_HD float floatOf(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-KVE_HD uint64_t bitsOf(double d) {
-#ifdef __CUDA_ARCH__
-  return uint64_t(__double_as_longlong(d));
-#else
-  uint64_t u;
-  std::memcpy(&u, &d, 8);
-  return u;
-#endif
-}
-KVE_HD double doubleOf(uint64_t u) {
-#ifdef __CUDA_ARCH__
-  return __longlong_as_double((long long)u);
-#else
-  double d;
-  std::memcpy(&d, &u, 8);
-  return d;
-#endif
-}
+using bits::bitsOf;
+using bits::doubleOf;
+using bits::floatOf;
 
 /** Order-preserving u32 key of a float (NaN excluded): a < b  <=>  key(a) < key(b). */
 KVE_HD uint32_t orderedKey(float f) {

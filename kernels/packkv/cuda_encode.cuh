@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/bits.h"
 #include "packkv/format.h"
 #include "packkv/quant.h"
 #ifdef __CUDACC__
@@ -56,33 +57,12 @@ enum : uint32_t { kFlagWidth = 1, kFlagOffsets = 2, kFlagRoom = 4 };
 
 // ---- bits, exact conversions (no float arithmetic) -------------------------------------------------
 
-PKE_HD inline uint32_t f2u(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-#endif
-}
-PKE_HD inline float u2f(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-#endif
-}
-PKE_HD inline double u2d(uint64_t u) {
-#ifdef __CUDA_ARCH__
-  return __longlong_as_double(static_cast<long long>(u));
-#else
-  double d;
-  std::memcpy(&d, &u, 8);
-  return d;
-#endif
-}
+using bits::doubleOf;
+using bits::floatOf;
+/** The float's bits (common/bits.h). */
+PKE_HD inline uint32_t f2u(float f) { return bits::bitsOf(f); }
+PKE_HD inline float u2f(uint32_t u) { return floatOf(u); }
+PKE_HD inline double u2d(uint64_t u) { return doubleOf(u); }
 PKE_HD inline uint32_t bitLen(uint32_t v) {
 #ifdef __CUDA_ARCH__
   return 32u - uint32_t(__clz(v));
