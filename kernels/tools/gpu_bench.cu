@@ -372,6 +372,7 @@ int run(int argc, char** argv) {
                         prep.hostView.bodyBytes, graphs ? tm.graphUs : tm.directUs, tm.copies,
                         graphs ? base.graphUs : base.directUs, copyGBps, ck.productRelL2, ck.productFinite,
                         ck.decodeExact, ck.encodeExact);
+        r.hostBytes = prep.hostView.header.breakdown.host;
         r.directUs = tm.directUs, r.graphUs = tm.graphUs, r.timedWith = graphs ? "graph" : "direct";
         if (!*variant) std::tie(r.encodeUs, r.decodeUs) =
             timeEncodeDecode(prep, isKey ? in.keys : in.values, std::min(opt.repeats, 10), stream);
