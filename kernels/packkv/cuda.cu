@@ -1,5 +1,7 @@
 // PackKV on the GPU: decode (bit-identical to cpu.cpp) and the fused products q·Kᵀ / p·V over the
-// packed stream (packkv/cuda_kernels.cuh), dispatched from one table over pack size x GQA group.
+// packed stream (packkv/cuda_kernels.cuh; versions v2-v4 in cuda_kernels_v*.cuh, v4 the default for
+// head_dim 128, PACKKV_GPU_KERNEL=v1|v2|v3 selects an older one), dispatched from one table over
+// pack size x GQA group.
 // Encode runs on the GPU (packkv/cuda_encode.cuh), byte-identical to cpu.cpp's encoder.
 #include <algorithm>
 #include <cmath>
@@ -14,6 +16,7 @@
 #include "packkv/cuda_kernels.cuh"
 #include "packkv/cuda_kernels_v2.cuh"
 #include "packkv/cuda_kernels_v3.cuh"
+#include "packkv/cuda_kernels_v4.cuh"
 #include "packkv/format.h"
 #include "registry.h"
 
@@ -89,20 +92,28 @@ struct Launchers {
   void (*pv3)(const Args&, dim3, size_t smem, cudaStream_t);
   int (*qk3Blocks)(size_t smem);  // v3 blocks resident per SM (grid = one wave)
   int (*pv3Blocks)(size_t smem);
+  void (*qk4)(const Args&, dim3, size_t smem, cudaStream_t);
+  void (*pv4)(const Args&, dim3, size_t smem, cudaStream_t);
+  int (*qk4Blocks)(size_t smem);
+  int (*pv4Blocks)(size_t smem);
 };
 
-/** Products kernel version from PACKKV_GPU_KERNEL (v1, v2 or v3; default v3). v3 (tensor cores,
- *  cuda_kernels_v3.cuh) needs head_dim 128; other head_dims run v2. */
+/** Products kernel version from PACKKV_GPU_KERNEL (v1, v2, v3 or v4; default v4). v3 and v4 (tensor
+ *  cores, cuda_kernels_v3/v4.cuh) need head_dim 128 (others run v2); v4 also block ≤ 256 (larger
+ *  blocks run v3). */
 int kernelVersion() {
   static const int v = [] {
     const char* e = std::getenv("PACKKV_GPU_KERNEL");
     const std::string s = e ? e : "";
-    return s == "v1" ? 1 : s == "v2" ? 2 : 3;
+    return s == "v1" ? 1 : s == "v2" ? 2 : s == "v3" ? 3 : 4;
   }();
   return v;
 }
 bool useV2() { return kernelVersion() >= 2; }
-bool useV3(const Args& a) { return kernelVersion() == 3 && a.D == packkv_gpu::v3::kD; }
+bool useV4(const Args& a) {
+  return kernelVersion() == 4 && a.D == packkv_gpu::v4::kD && a.B <= packkv_gpu::v2::kPvSlots;
+}
+bool useV3(const Args& a) { return kernelVersion() >= 3 && a.D == packkv_gpu::v3::kD && !useV4(a); }
 
 /** Opts kernel K into more than 48 KB of dynamic shared memory (once per size it grows to; one
  *  record per kernel, as the attribute is). */
@@ -148,6 +159,18 @@ void launchPv3(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
   packkv_gpu::v3::pvKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
   PACKKV_LAUNCH_CHECK();
 }
+template <int P, int NR>
+void launchQk4(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  allowSmem<packkv_gpu::v4::qkKernel<P, NR>>(smem);
+  packkv_gpu::v4::qkKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
+template <int P, int NR>
+void launchPv4(const Args& a, dim3 grid, size_t smem, cudaStream_t st) {
+  allowSmem<packkv_gpu::v4::pvKernel<P, NR>>(smem);
+  packkv_gpu::v4::pvKernel<P, NR><<<grid, kWarps * 32, smem, st>>>(a);
+  PACKKV_LAUNCH_CHECK();
+}
 /** Blocks of kernel K resident per multiprocessor at this dynamic shared memory (cached). */
 template <auto K>
 int residentBlocks(size_t smem) {
@@ -171,7 +194,8 @@ template <int P, int NR>
 constexpr Launchers row() {
   return {launchQk<P, NR>, launchPv<P, NR>, launchDecode<P>, launchQk2<P, NR>, launchPv2<P, NR>,
           launchQk3<P, NR>, launchPv3<P, NR>, residentBlocks<packkv_gpu::v3::qkKernel<P, NR>>,
-          residentBlocks<packkv_gpu::v3::pvKernel<P, NR>>};
+          residentBlocks<packkv_gpu::v3::pvKernel<P, NR>>, launchQk4<P, NR>, launchPv4<P, NR>,
+          residentBlocks<packkv_gpu::v4::qkKernel<P, NR>>, residentBlocks<packkv_gpu::v4::pvKernel<P, NR>>};
 }
 
 // [pack 8, 16, 32][query heads per KV head 1, 2, 4, 8]
@@ -243,18 +267,19 @@ void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, fl
   const int items = a.nb * a.G + a.Tr;
   if (items == 0) return;
   if (useV2()) {  // runs of token blocks per block, about 4 blocks per SM over all heads
-    const bool v3 = useV3(a);
-    const size_t smem = v3 ? packkv_gpu::v3::qkSmemBytes(a.P, int(group))
-                           : 2 * size_t(packkv_gpu::v2::kBufBytes) + (size_t(group) * a.D + group) * sizeof(float);
-    // v2: about 4 blocks per SM over all heads; v3: as many as are resident at once (one wave).
-    const int perSm = v3 ? fn.qk3Blocks(smem) : 4;
-    const int splits = std::max(1, std::min(std::max(a.nb, 1), v3 ? perSm * gpu::multiprocessors() / a.H
-                                                                   : (perSm * gpu::multiprocessors() + a.H - 1) / a.H));
+    const bool v4 = useV4(a), v3 = useV3(a);
+    const size_t smem = v4   ? packkv_gpu::v4::qkSmemBytes(a.P, int(group))
+                        : v3 ? packkv_gpu::v3::qkSmemBytes(a.P, int(group))
+                             : 2 * size_t(packkv_gpu::v2::kBufBytes) + (size_t(group) * a.D + group) * sizeof(float);
+    // v2: about 4 blocks per SM over all heads; v3/v4: as many as are resident at once (one wave).
+    const int perSm = v4 ? fn.qk4Blocks(smem) : v3 ? fn.qk3Blocks(smem) : 4;
+    const int splits = std::max(1, std::min(std::max(a.nb, 1), v3 || v4 ? perSm * gpu::multiprocessors() / a.H
+                                                                         : (perSm * gpu::multiprocessors() + a.H - 1) / a.H));
     const dim3 grid(unsigned(splits), unsigned(a.H));
     for (uint32_t n = 0; n < nq; ++n) {
       a.in = q + size_t(n) * qHeads * a.D;
       a.out = scores + size_t(n) * qHeads * a.T;
-      (v3 ? fn.qk3 : fn.qk2)(a, grid, smem, l.stream);
+      (v4 ? fn.qk4 : v3 ? fn.qk3 : fn.qk2)(a, grid, smem, l.stream);
     }
     return;
   }
@@ -281,13 +306,15 @@ void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, fl
   const size_t need = workspaceBytes(s, qHeads);
   if (!l.workspace || l.workspaceBytes < need)
     gpuFail("p·V needs " + std::to_string(need) + " bytes of workspace, got " + std::to_string(l.workspaceBytes));
-  const bool v2 = useV2() && a.B <= packkv_gpu::v2::kPvSlots, v3 = v2 && useV3(a);
-  const size_t smem = v3   ? packkv_gpu::v3::pvSmemBytes(a.P, int(group))
+  const bool v2 = useV2() && a.B <= packkv_gpu::v2::kPvSlots, v3 = v2 && useV3(a), v4 = v2 && useV4(a);
+  const size_t smem = v4   ? packkv_gpu::v4::pvSmemBytes(a.P, int(group))
+                      : v3 ? packkv_gpu::v3::pvSmemBytes(a.P, int(group))
                       : v2 ? 2 * size_t(packkv_gpu::v2::kBufBytes) +
                                  (2 * size_t(packkv_gpu::v2::kPvSlots) + size_t(kWarps) * a.D) * group * sizeof(float)
                            : size_t(kWarps) * group * a.D * sizeof(float);
   a.splits = pvSplits(a);  // the workspace holds this many partials per head
-  if (v3) a.splits = std::max(1, std::min(a.splits, fn.pv3Blocks(smem) * gpu::multiprocessors() / a.H));  // one wave
+  if (v3 || v4)  // one wave
+    a.splits = std::max(1, std::min(a.splits, (v4 ? fn.pv4Blocks(smem) : fn.pv3Blocks(smem)) * gpu::multiprocessors() / a.H));
   a.counters = static_cast<unsigned*>(l.workspace);
   a.partial = reinterpret_cast<float*>(static_cast<uint8_t*>(l.workspace) +
                                        (a.H * sizeof(unsigned) + kCounterBytes - 1) / kCounterBytes * kCounterBytes);
@@ -295,7 +322,7 @@ void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, fl
   for (uint32_t n = 0; n < nq; ++n) {
     a.in = p + size_t(n) * qHeads * a.T;
     a.out = out + size_t(n) * qHeads * a.D;
-    (v3 ? fn.pv3 : v2 ? fn.pv2 : fn.pv)(a, grid, smem, l.stream);
+    (v4 ? fn.pv4 : v3 ? fn.pv3 : v2 ? fn.pv2 : fn.pv)(a, grid, smem, l.stream);
   }
 }
 

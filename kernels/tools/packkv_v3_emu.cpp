@@ -1,10 +1,14 @@
-// Host emulation of the packkv v3 tensor-core products' unpack phase (cuda_kernels_v3.cuh): builds
-// random segments in the format.h layout (pack widths 0..8, min widths 0..8, pack 8/16/32), runs
-// each lane's unpackLane with the warp's width scan done in a loop, then reads the f16 tile back
-// the way ldmatrix (.trans for q·Kᵀ, plain for p·V) fills mma.m16n8k16's A fragments and checks
-// every element against the code + min it must hold, at the slot the epilogue assumes. Also
-// checks that the tile stores and the ldmatrix row reads are free of shared-memory bank conflicts.
-// Build: g++ -std=c++17 -O2 -Ikernels kernels/tools/packkv_v3_emu.cpp -o /tmp/packkv_v3_emu
+// Host emulation of the packkv v3 and v4 tensor-core products' unpack phase (cuda_kernels_v3.cuh,
+// cuda_kernels_v4.cuh): builds random segments in the format.h layout (pack widths 0..8, min
+// widths 0..8, pack 8/16/32; widths up to 10 for the slow paths), runs each lane's unpack with the
+// warp's width scan done in a loop, then reads the f16 tile back the way ldmatrix (.trans for
+// q·Kᵀ, plain for p·V) fills mma.m16n8k16's A fragments and checks every element against the
+// code + min it must hold (v4: minus the p·V centre), at the slot the epilogue assumes. v4 runs
+// its fast path (32-bit "shared" addresses into an emulated array, word-wise widths/mins, SWAR
+// prefix of the earlier groups, per-item check) where the device would, else its slow path; the
+// test requires the fast path wherever every width is ≤ 8. Also checks that the tile stores and
+// the ldmatrix row reads are free of shared-memory bank conflicts.
+// Build: g++ -std=c++17 -O2 -Ikernels kernels/tools/packkv_v3_emu.cpp kernels/packkv/cpu.cpp kernels/registry.cpp
 #define __host__
 #define __device__
 #define __forceinline__ inline
@@ -15,6 +19,7 @@
 #include <vector>
 
 #include "packkv/cuda_kernels_v3.cuh"
+#include "packkv/cuda_kernels_v4.cuh"
 #include "packkv/format.h"
 
 using namespace packkv::packkv_gpu::v3;
@@ -27,7 +32,7 @@ constexpr int D = kD;
 double halfValue(uint16_t b) {
   const int e = (b >> 10) & 31;
   const double f = e ? 1.0 + (b & 1023) / 1024.0 : (b & 1023) / 1024.0;
-  return std::ldexp(f, (e ? e : 1) - 15);
+  return (b & 0x8000u ? -1.0 : 1.0) * std::ldexp(f, (e ? e : 1) - 15);
 }
 
 struct Segment {
@@ -78,9 +83,14 @@ uint16_t tileHalf(const std::vector<uint8_t>& tile, uint32_t rowAddr, int col) {
   return h;
 }
 
+int fastItems = 0, slowItems = 0;
+
+/** Checks a filled tile of item g through both ldmatrix read patterns: element = code − centre. */
+template <int P>
+void checkTile(const std::vector<uint8_t>& tile, const Segment& seg, int g, int centre);
+
 template <int P>
 void run(std::mt19937& rng, int G, int maxW) {
-  constexpr int MT = P >= 16 ? P / 16 : 1;
   Segment seg = makeSegment(G, P, rng, maxW);
   // Copy to a 4-byte-misaligned position as in a staged buffer (segments start anywhere).
   const int shift = int(rng() % 4);
@@ -107,6 +117,48 @@ void run(std::mt19937& rng, int G, int maxW) {
           for (int l = ph * 8; l < ph * 8 + 8; ++l) slots.insert((rowOffset(l * kLanePacks + j, k & 1) / 16) % 8);
           expect(slots.size() == 8, "store bank conflict", j, k, ph);
         }
+    checkTile<P>(tile, seg, g, 0);
+  }
+  // v4: the segment and a tile in the emulated shared memory (u32 addresses = offsets).
+  std::vector<uint8_t> smem(4 + seg.bytes.size() + 64 + tileBytes(P), 0x5A);
+  const uint32_t segAddr = uint32_t(rng() % 4), tileAddr = uint32_t((segAddr + seg.bytes.size() + 15) & ~size_t(15));
+  std::copy(seg.bytes.begin(), seg.bytes.end(), smem.begin() + segAddr);
+  packkv::packkv_gpu::v4::emuSmem() = smem.data();
+  const packkv::packkv_gpu::v4::Seg4 s4 = packkv::packkv_gpu::v4::seg4At(segAddr, uint32_t(G * D));
+  const Seg3 s3 = seg3At(smem.data() + segAddr, uint32_t(G * D), nullptr);
+  for (int g = 0; g < G; ++g) {
+    namespace v4 = packkv::packkv_gpu::v4;
+    const int centre = rng() % 3 == 0 ? 0 : int(rng() % (2 * v4::kMaxCentre + 1)) - v4::kMaxCentre;
+    std::fill(smem.begin() + tileAddr, smem.begin() + tileAddr + tileBytes(P), 0xEE);
+    v4::LaneMeta m[32];
+    bool bad = s4.mw > 10, anyWide = false;
+    uint32_t earlier = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      m[lane] = v4::laneMeta(s4, g, lane);
+      bad = bad || m[lane].bad, earlier += m[lane].earlier;
+      for (int j = 0; j < kLanePacks; ++j) anyWide = anyWide || nibbleAt(s3.widths, uint32_t(g * D + lane * kLanePacks + j)) > 8;
+    }
+    expect(bad == anyWide, "v4 fast-path check", g, int(bad), int(anyWide));
+    uint32_t pre = 0;  // v3's prefix, for the slow path and as a check of the SWAR sum
+    for (int i = 0; i < g * D; ++i) pre += nibbleAt(s3.widths, uint32_t(i));
+    expect(earlier == pre, "v4 earlier-group width sum", g, int(earlier), int(pre));
+    uint32_t run = 0;
+    for (int lane = 0; lane < 32; ++lane) {
+      if (!bad)
+        v4::unpackLaneFast<P>(s4, g, lane, m[lane].wbits, uint32_t(P / 8) * (earlier + run), tileAddr, centre);
+      else
+        v4::unpackLaneSlow<P>(s3, g, lane, uint32_t(P / 8) * (pre + run), smem.data() + tileAddr, centre);
+      run += v4::ownWidths(m[lane].wbits);
+    }
+    (bad ? slowItems : fastItems)++;
+    checkTile<P>(std::vector<uint8_t>(smem.begin() + tileAddr, smem.begin() + tileAddr + tileBytes(P)), seg, g, centre);
+  }
+}
+
+template <int P>
+void checkTile(const std::vector<uint8_t>& tile, const Segment& seg, int g, int centre) {
+  constexpr int MT = P >= 16 ? P / 16 : 1;
+  {
     // q·Kᵀ: ldmatrix.x4.trans, lane gives row (channel (lane>>4)·8 + lane%8, half (lane>>3)&1).
     for (int mt = 0; mt < MT; ++mt)
       for (int kb = 0; kb < D / 16; ++kb) {
@@ -132,7 +184,7 @@ void run(std::mt19937& rng, int G, int maxW) {
               const int row = gr + 8 * (j & 1), kk = 2 * tig + e + 8 * (j >> 1);
               if (P < 16 && row >= 8) continue;  // duplicate rows, not written out
               const int slot = g * P + mt * 16 + (row >> 3) * 8 + slotAt(row & 7), ch = kb * 16 + kk;
-              expect(halfValue(hv) == double(seg.code[size_t(slot) * D + ch]), "q·Kᵀ A element", slot, ch, t);
+              expect(halfValue(hv) == double(seg.code[size_t(slot) * D + ch]) - centre, "q·Kᵀ A element", slot, ch, t);
             }
         }
       }
@@ -159,7 +211,7 @@ void run(std::mt19937& rng, int G, int maxW) {
               if (P < 16 && kk >= 8) continue;  // B rows 8..15 are zero for P = 8
               // B fragment slots: position kk -> slot (kk>>3)·8 + slotAt(kk&7): tig, tig+4, 8+tig, 12+tig.
               const int slot = g * P + mt * 16 + (kk >> 3) * 8 + slotAt(kk & 7), ch = mc * 16 + row;
-              expect(halfValue(hv) == double(seg.code[size_t(slot) * D + ch]), "p·V A element", slot, ch, t);
+              expect(halfValue(hv) == double(seg.code[size_t(slot) * D + ch]) - centre, "p·V A element", slot, ch, t);
             }
         }
       }
@@ -182,6 +234,11 @@ int main() {
   }
   // halfBitsOfInt / hsub2Bits host models.
   for (uint32_t v = 0; v <= 2048; ++v) expect(halfValue(uint16_t(halfBitsOfInt(v))) == double(v), "halfBitsOfInt", v, 0, 0);
+  // v4 host models: signed f16 integers and exact f16x2 subtraction with negative results.
+  for (int v = -2048; v <= 2048; ++v)
+    expect(halfValue(uint16_t(packkv::packkv_gpu::v4::halfBitsOfSigned(v))) == double(v), "halfBitsOfSigned", v, 0, 0);
+  expect(fastItems > 0 && slowItems > 0, "v4 fast and slow paths both taken", fastItems, slowItems, 0);
+  std::printf("v4 items: %d fast, %d slow\n", fastItems, slowItems);
   std::printf("%s (%d failures)\n", failures ? "FAILED" : "all ok", failures);
   return failures ? 1 : 0;
 }
