@@ -351,22 +351,31 @@ struct Plan {
   uint64_t scaleOff, zpOff, segOff, vecOff, arenaOff;
 };
 
+constexpr uint32_t kRowBatch = 4;  // 32-float chunks of a row loaded together (head_dim 128: the whole row)
+
 __global__ void rangeKernel(Plan p) {
   const uint32_t lane = threadIdx.x & 31;
   const uint64_t rows = uint64_t(p.heads) * p.T, warps = (uint64_t(gridDim.x) * blockDim.x) >> 5;
   for (uint64_t row = (uint64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < rows; row += warps) {
     const float* r = p.x + row * p.dim;
     uint32_t lo = ~0u, hi = 0;
-    for (uint32_t d = lane; d < p.dim; d += 32) {
-      const float v = __ldg(r + d);
-      if (outOfRange(v)) {
-        atomicMin(&p.status->firstBad, (unsigned long long)(row * p.dim + d));
-        if (nonFinite(v)) atomicAdd(&p.status->nonFinite, 1ull);
-        continue;
+    for (uint32_t d0 = lane; d0 < p.dim; d0 += 32 * kRowBatch) {
+      float v[kRowBatch];  // a batch of loads in flight before the first use
+#pragma unroll
+      for (uint32_t j = 0; j < kRowBatch; ++j) v[j] = d0 + 32 * j < p.dim ? __ldg(r + d0 + 32 * j) : 0.f;
+#pragma unroll
+      for (uint32_t j = 0; j < kRowBatch; ++j) {
+        const uint32_t d = d0 + 32 * j;
+        if (d >= p.dim) continue;
+        if (outOfRange(v[j])) {
+          atomicMin(&p.status->firstBad, (unsigned long long)(row * p.dim + d));
+          if (nonFinite(v[j])) atomicAdd(&p.status->nonFinite, 1ull);
+          continue;
+        }
+        const uint32_t k = orderedKey(v[j]);
+        lo = min(lo, k);
+        hi = max(hi, k);
       }
-      const uint32_t k = orderedKey(v);
-      lo = min(lo, k);
-      hi = max(hi, k);
     }
     lo = __reduce_min_sync(0xffffffffu, lo);
     hi = __reduce_max_sync(0xffffffffu, hi);
@@ -405,22 +414,30 @@ __global__ void codeKernel(Plan p) {
     const long long zp = p.zp[u];
     const float* r = p.x + (uint64_t(h) * p.T + t) * p.dim;
     uint16_t* out = p.codes + row * p.dim;
-    for (uint32_t d0 = 0; d0 < p.dim; d0 += 32) {
-      const uint32_t d = d0 + lane;
-      const bool on = d < p.dim;
-      long long c = -1;
-      if (on) {
-        c = roundQuotient(exactDouble(__ldg(r + d)), s, inv) - zp;
-        out[d] = uint16_t(c);
-        maxCode = max(maxCode, c);
-        negative |= c < 0;
-      }
-      const bool inBins = on && c >= 0 && c < p.histBins;
-      const uint32_t peers = __match_any_sync(0xffffffffu, inBins ? uint32_t(c) : 0xFFFFFFFFu);
-      if (inBins) {
-        if (lane == uint32_t(__ffs(peers) - 1)) atomicAdd(binCounts + c, uint32_t(__popc(peers)));
-      } else if (on && c >= p.histBins && c < kAlphabetLimit) {
-        atomicAdd(p.hist + c, 1ull);
+    for (uint32_t b0 = 0; b0 < p.dim; b0 += 32 * kRowBatch) {
+      float xv[kRowBatch];  // a batch of loads in flight before the first use
+#pragma unroll
+      for (uint32_t j = 0; j < kRowBatch; ++j) xv[j] = b0 + 32 * j + lane < p.dim ? __ldg(r + b0 + 32 * j + lane) : 0.f;
+#pragma unroll
+      for (uint32_t j = 0; j < kRowBatch; ++j) {
+        const uint32_t d0 = b0 + 32 * j;
+        if (d0 >= p.dim) break;  // warp-uniform
+        const uint32_t d = d0 + lane;
+        const bool on = d < p.dim;
+        long long c = -1;
+        if (on) {
+          c = roundQuotient(exactDouble(xv[j]), s, inv) - zp;
+          out[d] = uint16_t(c);
+          maxCode = max(maxCode, c);
+          negative |= c < 0;
+        }
+        const bool inBins = on && c >= 0 && c < p.histBins;
+        const uint32_t peers = __match_any_sync(0xffffffffu, inBins ? uint32_t(c) : 0xFFFFFFFFu);
+        if (inBins) {
+          if (lane == uint32_t(__ffs(peers) - 1)) atomicAdd(binCounts + c, uint32_t(__popc(peers)));
+        } else if (on && c >= p.histBins && c < kAlphabetLimit) {
+          atomicAdd(p.hist + c, 1ull);
+        }
       }
     }
   }

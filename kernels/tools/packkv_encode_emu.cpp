@@ -138,9 +138,9 @@ EncodedBody emulate(const float* x, const Shape& s, TensorKind kind, const pc::C
   HostExec ex;
   const uint32_t nseg = a.nb * a.H;
   if (a.Tc > 0) {
-    for (uint32_t t = 0; t < a.Tc; ++t) {
+    for (uint32_t blk = 0; blk < (a.Tc + kTokensPerBlock - 1) / kTokensPerBlock; ++blk) {
       QuantSmem sm{};
-      quantizeBlock(ex, a, t, sm);
+      quantizeBlock(ex, a, blk, sm);
     }
     if (c.repack == pc::Repack::Median) {
       std::vector<uint64_t> dyn((medianSmemBytes(a.B) + 7) / 8);
