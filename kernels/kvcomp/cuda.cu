@@ -24,7 +24,12 @@
 // two codes per 32-bit window (kg::PairReader, ~9.5 SASS instructions per code instead of ~20),
 // four codes per lane per mma.m16n8k16 with a block-diagonal A (q, or p·scale split into fp16
 // hi + lo), the zero point folded once per vector (K) or per segment (V), and the segment bytes
-// double-buffered with cp.async so the next group's loads fly while this one decodes.
+// double-buffered with cp.async so the next group's loads fly while this one decodes. Window
+// words and A fragments are read only by the lanes that need them (PACKKV_KVCOMP_PRED; -8% time
+// at 128k), the coded blocks take the fp16 tail (q·Kᵀ always, p·V when tail blocks would spill
+// into a second wave), and V's staging holds raw codes of floor(1/rel) + 3 symbols (was one bit
+// more), which gives it a third block per SM. Bound (ncu, 128k): q·Kᵀ by the decode table's shared-memory bank
+// conflicts (pipe 88% busy), p·V by issue (0.53 per scheduler, 21 warps per SM).
 // PACKKV_KVCOMP_MMA=0 selects the scalar kernels.
 // encode runs on the GPU (cuda_encode.cuh), byte for byte cpu.cpp's body; bodyBytes() is an upper
 // bound, since a Huffman body's size depends on data.
@@ -69,6 +74,7 @@ struct Args {
   uint32_t n1max;        // bits of the first-level decode table (0: full table only)
   uint32_t tableBytes;   // kTableBytes, or kTable32Bytes on the tensor-core path
   bool mma;              // the tensor-core product kernels (plan(): 128 codes per vector, whole warps per slot)
+  bool pred;             // tensor-core path: predicated window / fragment loads (PACKKV_KVCOMP_PRED, default on)
   uint32_t wOff, stOff;  // byte offsets of the weights and the staging area in shared memory
   const uint16_t* in;    // q f16 [qHeads][D] or p f16 [qHeads][T] of this query step
   float* out;            // scores [qHeads][T], p·V out [qHeads][D], or the decoded tensor
@@ -163,21 +169,27 @@ __device__ uint32_t stageSegment(const Args& a, const kg::DevLayout& lay, uint32
   return uint32_t(absStart & 3) * 8;
 }
 
-/** Exclusive scan of x over the vecs threads of a slot (vecs = 16 or a multiple of 32). */
+/**
+ * Exclusive scan of x over the vecs threads of a slot (vecs = 16 or a multiple of 32). The lane's
+ * place in its segment is lane & (width - 1) (width 16 or 32) and the slot's first warp comes from
+ * a shift when vecs / 32 is a power of two: no integer division (a runtime % in the shuffle loop
+ * cost ~130 instructions per warp and segment, ~7% of q·Kᵀ's instructions, in the SASS).
+ */
 __device__ uint32_t slotScan(uint32_t x, uint32_t vecs, uint32_t* warpTotals) {
-  const uint32_t tid = threadIdx.x, lane = tid & 31, width = vecs < 32 ? vecs : 32;
+  const uint32_t tid = threadIdx.x, lane = tid & 31, width = vecs < 32 ? vecs : 32, inSeg = lane & (width - 1);
   uint32_t inc = x;
 #pragma unroll
   for (uint32_t o = 1; o < 32; o <<= 1) {
     const uint32_t y = __shfl_up_sync(0xffffffffu, inc, o, width);
-    if (o < width && (lane % width) >= o) inc += y;
+    if (inSeg >= o) inc += y;  // o >= width never passes: inSeg < width
   }
   if (vecs <= 32) return inc - x;
-  const uint32_t warp = tid >> 5;
+  const uint32_t warp = tid >> 5, wps = vecs >> 5;
   if (lane == 31) warpTotals[warp] = inc;
   __syncthreads();
   uint32_t add = 0;
-  for (uint32_t k = (tid / vecs) * (vecs / 32); k < warp; ++k) add += warpTotals[k];
+  const uint32_t first = (wps & (wps - 1)) == 0 ? warp & ~(wps - 1) : warp / wps * wps;
+  for (uint32_t k = first; k < warp; ++k) add += warpTotals[k];
   return inc - x + add;
 }
 
@@ -413,27 +425,45 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint4& a, uint32_t
 /**
  * One lane's 128 codes (fully unrolled, branch-free): per step 4 codes = two PairReader::next, then one
  * mma per A tile; SPLIT tiles of MT are added into the same accumulators (V: fp16 hi and lo
- * halves of the weights). frag = this lane's 4 words in tile 0, step 0.
+ * halves of the weights). frag = this lane's 4 words in tile 0, step 0. PRED (PACKKV_KVCOMP_PRED,
+ * default on): window words read only by advancing lanes (PairReader::next), and the A fragment
+ * read only by the 8 lanes that carry weights (the others hold zeros): one conflict-free
+ * wavefront (8 x 16 contiguous bytes) instead of an LDS.128 over 32 lanes and 9 addresses.
  */
-template <int MT, int SPLIT, bool RAW, bool FIRST>
+template <int MT, int SPLIT, bool RAW, bool FIRST, bool PRED>
 __device__ __forceinline__ void mmaWalk(const uint32_t* st, uint32_t p, const uint32_t* table, uint32_t shiftR, uint32_t w,
                                         int32_t center, const uint32_t* frag, const kg::Lookup& lk, float (&c)[MT][4]) {
   const uint32_t* t1 = reinterpret_cast<const uint32_t*>(lk.t1);
   const uint32_t shift1 = 32 - lk.n1, lane = threadIdx.x & 31;
+  const bool carrier = !PRED || (lane & 3) == ((lane >> 2) & 3);
   kg::PairReader rd;
   rd.start(st, p);
 #pragma unroll
   for (uint32_t s = 0; s < kMmaSteps; ++s) {
-    const uint32_t b0 = rd.next<RAW, FIRST>(st, table, shiftR, w, center, t1, shift1, lane);
-    const uint32_t b1 = rd.next<RAW, FIRST>(st, table, shiftR, w, center, t1, shift1, lane);
+    const uint32_t b0 = rd.next<RAW, FIRST, PRED>(st, table, shiftR, w, center, t1, shift1, lane);
+    const uint32_t b1 = rd.next<RAW, FIRST, PRED>(st, table, shiftR, w, center, t1, shift1, lane);
 #pragma unroll
     for (int sp = 0; sp < SPLIT; ++sp)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        const uint4 af = *reinterpret_cast<const uint4*>(frag + (sp * MT + mt) * kFragTileWords + s * kg::kFragStepWords);
+        uint4 af = make_uint4(0u, 0u, 0u, 0u);
+        if (carrier) af = *reinterpret_cast<const uint4*>(frag + (sp * MT + mt) * kFragTileWords + s * kg::kFragStepWords);
         mma16816(c[mt], af, b0, b1);
       }
   }
+}
+
+/** mmaWalk for a segment: raw fields, first-level + full table, or full table; PRED as a.pred. */
+template <int MT, int SPLIT>
+__device__ __forceinline__ void mmaSegment(bool raw, bool pred, const uint32_t* st, uint32_t p, const uint32_t* table,
+                                           uint32_t shiftR, uint32_t w, int32_t center, const uint32_t* frag,
+                                           const kg::Lookup& lk, float (&c)[MT][4]) {
+  if (raw) mmaWalk<MT, SPLIT, true, false, true>(st, p, table, shiftR, w, center, frag, lk, c);
+  else if (!pred) {
+    if (lk.t1) mmaWalk<MT, SPLIT, false, true, false>(st, p, table, shiftR, w, center, frag, lk, c);
+    else mmaWalk<MT, SPLIT, false, false, false>(st, p, table, shiftR, w, center, frag, lk, c);
+  } else if (lk.t1) mmaWalk<MT, SPLIT, false, true, true>(st, p, table, shiftR, w, center, frag, lk, c);
+  else mmaWalk<MT, SPLIT, false, false, true>(st, p, table, shiftR, w, center, frag, lk, c);
 }
 
 /** This lane's A-fragment words: its group's slot when it carries weights (t == g % 4), else the zero slot. */
@@ -512,10 +542,14 @@ __global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
     const uint32_t j = kg::mmaHead(mt, g, i), d = 4 * s + kg::mmaCode(i);
     frag[idx] = g < 8 && j < uint32_t(G) ? uint32_t(qh[j * D + d]) | uint32_t(qh[j * D + d + 1]) << 16 : 0u;
   }
-  if (tid < uint32_t(G)) {
+  // Σ_d q_d per head: warp j sums head j (lanes over channels, then a shuffle tree), so the
+  // prologue waits for one round of loads instead of a 128-long chain of dependent adds.
+  for (uint32_t j = tid >> 5; j < uint32_t(G); j += blockDim.x >> 5) {
     float sum = 0.f;
-    for (uint32_t d = 0; d < D; ++d) sum += kg::halfBitsToFloat(qh[tid * D + d]);
-    qsum[tid] = sum;
+    for (uint32_t d = tid & 31; d < D; d += 32) sum += kg::halfBitsToFloat(__ldg(qh + j * D + d));
+#pragma unroll
+    for (uint32_t o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((tid & 31) == 0) qsum[j] = sum;
   }
   kg::DevLayout lay;
   kg::Lookup lk;
@@ -563,9 +597,7 @@ __global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
     const uint32_t* stCur = stAll + buf * bufWords;
     const uint32_t p = min(slot * a.capWords * 32 + bit, pMax);
     float c[MT][4] = {};
-    if (rawC) mmaWalk<MT, 1, true, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
-    else if (lk.t1) mmaWalk<MT, 1, false, true>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
-    else mmaWalk<MT, 1, false, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    mmaSegment<MT, 1>(rawC, a.pred, stCur, p, table, shiftR, w, center, fragLane, lk, c);
     const uint32_t t0 = b * a.g.block + (v & ~31u);
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -575,6 +607,51 @@ __global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
         if (j < uint32_t(G)) a.out[(size_t(h) * G + j) * T + t0 + kg::cOwner(lane, i)] = __fmul_rn(scC, fmaf(zpc, qsum[j], c[mt][i]));
       }
   }
+  // fp16 tail tokens (launchQk adds no tail blocks when there are coded ones): a warp per token
+  // as qkTail, q read from global memory, on the coded blocks from the last one down (those
+  // have the fewest token-block groups). Extra blocks with 71 KB of shared memory each pushed
+  // ~60 coded blocks into a second wave at 128k tokens.
+  if (gridDim.x == a.nx) {
+    const uint32_t warps = blockDim.x >> 5;
+    for (uint32_t t = (a.nx - 1 - blockIdx.x) * warps + (tid >> 5); t < a.g.tailTokens; t += a.nx * warps) {
+      float acc[G] = {};
+      for (uint32_t d = lane; d < D; d += 32) {
+        const float x = tailAt(a, h, t, d);
+#pragma unroll
+        for (int j = 0; j < G; ++j) acc[j] = fmaf(kg::halfBitsToFloat(__ldg(qh + j * D + d)), x, acc[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < G; ++j)
+        for (uint32_t o = 16; o > 0; o >>= 1) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], o);
+      if (lane < uint32_t(G)) {
+        float mine = acc[0];
+#pragma unroll
+        for (int j = 1; j < G; ++j) mine = lane == uint32_t(j) ? acc[j] : mine;
+        a.out[(size_t(h) * G + lane) * T + a.g.codedTokens + t] = mine;
+      }
+    }
+  }
+}
+
+/**
+ * pvMmaKernel's share of the fp16 tail (chunks of kPvTailChunk tokens, from the last coded block
+ * down), added into red[j * D] for j < G: thread (slot, d) of the block, p rows at pr (stride T),
+ * tail rows [t][D] of its KV head at tail. Not inlined, so the decode loop's register plan stays.
+ */
+template <int G>
+__device__ __noinline__ void pvTailInto(const uint16_t* pr, const uint16_t* tail, uint32_t T, uint32_t tailTokens,
+                                        uint32_t D, uint32_t nx, uint32_t spb, uint32_t slot, uint32_t d, float* red) {
+  float tacc[G] = {};
+  for (uint32_t t0 = (nx - 1 - blockIdx.x) * kPvTailChunk; t0 < tailTokens; t0 += nx * kPvTailChunk) {
+    const uint32_t t1 = min(t0 + kPvTailChunk, tailTokens);
+    for (uint32_t t = t0 + slot; t < t1; t += spb) {
+      const float x = kg::halfBitsToFloat(__ldg(tail + size_t(t) * D + d));
+#pragma unroll
+      for (int j = 0; j < G; ++j) tacc[j] = fmaf(kg::halfBitsToFloat(__ldg(pr + size_t(j) * T + t)), x, tacc[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < G; ++j) red[size_t(j) * D] += tacc[j];
 }
 
 /**
@@ -619,6 +696,13 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
   const int32_t center = kg::symbolCenter(lay.alphabet);
   const uint32_t* fragLane = frag + fragLaneOffset(lane);
   float acc[MT][4] = {}, zacc[G] = {};
+  // A-fragment words that never carry weights (the zero slot, heads >= G): zero once; the
+  // per-segment fill below writes only the others (so no barrier is needed between the two).
+  for (uint32_t idx = v; idx < MT * kFragTileWords; idx += vecs) {
+    uint32_t i, g, s, mt;
+    fragIndex(idx, i, g, s, mt);
+    if (g == 8 || kg::mmaHead(mt, g, i) >= uint32_t(G)) frag[idx] = frag[MT * kFragTileWords + idx] = 0u;
+  }
   const uint32_t bufWords = a.spb * a.capWords;
   // Pipeline as qkMmaKernel; thread v also prefetches token v's p (G heads), scale and zero point
   // (tokens per segment == vectors per segment on this path).
@@ -686,22 +770,29 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
       frexpf(mx, &e);  // mx < 2^e
       const int sh = mx > 0.f ? min(max(15 - e, -100), 100) : 0;
       const float mult = ldexpf(1.f, sh);
-      for (uint32_t idx = v; idx < MT * kFragTileWords; idx += vecs) {
-        uint32_t i, g, s, mt;
-        fragIndex(idx, i, g, s, mt);
-        const uint32_t j = kg::mmaHead(mt, g, i), tk = 4 * s + kg::mmaCode(i);
-        uint32_t hiW = 0, loW = 0;
-        if (g < 8 && j < uint32_t(G)) {
+      // The live A-fragment words (group g < 8, head j < G; the rest stay zero from the start):
+      // lane (g, i) = (lane / 4, lane % 4) of warp w writes register i of group g for the steps
+      // s = w, w + 4, ... (no index divisions; consecutive lanes, consecutive words).
+      {
+        const uint32_t g = lane >> 2, i = lane & 3;
 #pragma unroll
-          for (uint32_t u = 0; u < 2; ++u) {
-            const float ws = __fmul_rn(wmine[(tk + u) * G + j], mult);
-            const __half hi = __float2half_rn(ws), lo = __float2half_rn(__fsub_rn(ws, __half2float(hi)));
-            hiW |= uint32_t(__half_as_ushort(hi)) << (16 * u);
-            loW |= uint32_t(__half_as_ushort(lo)) << (16 * u);
+        for (int mt = 0; mt < MT; ++mt) {
+          const uint32_t j = kg::mmaHead(mt, g, i);
+          if (j >= uint32_t(G)) continue;
+          for (uint32_t s = warp; s < kMmaSteps; s += vecs / 32) {
+            const uint32_t tk = 4 * s + kg::mmaCode(i), idx = mt * kFragTileWords + s * kg::kFragStepWords + 4 * g + i;
+            uint32_t hiW = 0, loW = 0;
+#pragma unroll
+            for (uint32_t u = 0; u < 2; ++u) {
+              const float ws = __fmul_rn(wmine[(tk + u) * G + j], mult);
+              const __half hi = __float2half_rn(ws), lo = __float2half_rn(__fsub_rn(ws, __half2float(hi)));
+              hiW |= uint32_t(__half_as_ushort(hi)) << (16 * u);
+              loW |= uint32_t(__half_as_ushort(lo)) << (16 * u);
+            }
+            frag[idx] = hiW;
+            frag[MT * kFragTileWords + idx] = loW;
           }
         }
-        frag[idx] = hiW;
-        frag[MT * kFragTileWords + idx] = loW;
       }
       if (v == 0) {
         inv[slot] = ldexpf(1.f, -sh);
@@ -719,9 +810,7 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
     const uint32_t* stCur = stAll + buf * bufWords;
     const uint32_t p = min(slot * a.capWords * 32 + bit, pMax);
     float c[MT][4] = {};
-    if (rawC) mmaWalk<MT, 2, true, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
-    else if (lk.t1) mmaWalk<MT, 2, false, true>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
-    else mmaWalk<MT, 2, false, false>(stCur, p, table, shiftR, w, center, fragLane, lk, c);
+    mmaSegment<MT, 2>(rawC, a.pred, stCur, p, table, shiftR, w, center, fragLane, lk, c);
     const float iv = inv[slot];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -741,6 +830,15 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
       if (j < uint32_t(G)) red[(size_t(slot) * G + j) * D + (v & ~31u) + kg::cOwner(lane, i)] = acc[mt][i] + zacc[j];
     }
   __syncthreads();
+  if (gridDim.x == a.nx && a.g.tailTokens) {
+    // fp16 tail chunks of 32 tokens (launchPv adds no tail blocks when there are coded ones):
+    // as the tail blocks' loop, on the coded blocks from the last one down (the fewest token-
+    // block groups), added into this block's partial; thread (slot, d) owns red[slot][j][d].
+    pvTailInto<G>(a.in + size_t(h) * G * T + a.g.codedTokens,
+                  reinterpret_cast<const uint16_t*>(a.body + a.tailOff) + size_t(h) * a.g.tailTokens * D, T,
+                  a.g.tailTokens, D, a.nx, a.spb, slot, v, red + size_t(slot) * G * D + v);
+    __syncthreads();
+  }
   float* out = a.partial + (size_t(h) * (a.nx + a.ntail) + blockIdx.x) * G * D;
   for (uint32_t idx = tid; idx < G * D; idx += blockDim.x) {
     float sum = red[idx];
@@ -826,22 +924,32 @@ bool mmaEnabled() {
   return on;
 }
 
-/**
- * Bits of the first-level decode table (cuda_huffman.cuh; 2^bits * 64 bytes of shared memory):
- * PACKKV_KVCOMP_T1 = 1..8, default 0 (full table only). Measured slower on the H100 for the scalar
- * kernels (K 294 vs 215 us at 128k tokens with 8 bits): their loop was bound by instructions. The
- * tensor-core kernels (2^bits * 128 bytes, 32-bit entries, u16 full table for escapes) are bound
- * by those conflicts instead (kvcomp_t1_emu: 11 -> 2.2 wavefronts per warp-pair for K at 6 bits);
- * not yet measured there, hence still off by default.
- */
-uint32_t firstLevelMaxBits() {
-  static const uint32_t bits = [] {
-    const char* v = std::getenv("PACKKV_KVCOMP_T1");
-    if (!v || !*v) return 0u;
-    const int b = std::atoi(v);
-    return uint32_t(std::min(std::max(b, 0), 8));
+/** PACKKV_KVCOMP_PRED=0 turns the predicated window / fragment loads of the tensor-core path off. */
+bool predEnabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("PACKKV_KVCOMP_PRED");
+    return !(v && v[0] == '0');
   }();
-  return bits;
+  return on;
+}
+
+/**
+ * Bits of the first-level decode table of the tensor-core products (cuda_huffman.cuh; 2^bits *
+ * 128 bytes of shared memory, with the u16 full table for escapes): PACKKV_KVCOMP_T1 = 1..8 for K
+ * and V, PACKKV_KVCOMP_T1V overrides it for V; default 0 (full table only). Measured slower on
+ * the H100 at 128k tokens: K 162 vs 152 us at 6 bits (conflicts gone, +14 instructions per step),
+ * V 231 vs 170 us at 8 bits (32 KB more shared memory: 2 blocks per SM instead of 3). The scalar
+ * kernels (decode, PACKKV_KVCOMP_MMA=0) never use it: there it measured slower too (K 294 vs 215 us).
+ */
+uint32_t envBits(const char* name, uint32_t otherwise) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return otherwise;
+  return uint32_t(std::min(std::max(std::atoi(v), 0), 8));
+}
+uint32_t firstLevelMaxBits(TensorKind kind) {
+  static const uint32_t k = envBits("PACKKV_KVCOMP_T1", 0u);
+  static const uint32_t v = envBits("PACKKV_KVCOMP_T1V", k);
+  return kind == TensorKind::Key ? k : v;
 }
 
 /** The launch plan of a stream: shared memory, slots, grid; `group` query heads per KV head. */
@@ -863,9 +971,11 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
          std::to_string(vecs) + " must be 16 or a multiple of 32, at most 1024");
   a.spb = std::max<uint32_t>(1, 256 / std::max<uint32_t>(vecs, 1));
   // Staged bytes per segment: a segment is Huffman only when smaller than raw codes at
-  // ceil(log2 A) bits, A = floor(1/rel) + 2 (cpu.cpp's alphabet); one bit of margin.
+  // ceil(log2 A) bits, A = floor(1/rel) + 2 (cpu.cpp's alphabet: its scale is rounded up, so codes
+  // stay below A); margin: one code more (was one bit more, which cost V its third block per SM:
+  // 82 -> 74 KB of shared memory at v_rel = 0.1).
   const uint32_t alphaMin = uint32_t(std::floor(1.0 / relOf(s.params, kind))) + 2;
-  const uint32_t width = std::min<uint32_t>(12, kvcomp::rawWidth(alphaMin) + 1);
+  const uint32_t width = std::min<uint32_t>(12, kvcomp::rawWidth(alphaMin + 1));
   const uint64_t perSeg = uint64_t(a.g.vecsPerSeg) * a.g.symsPerVec;
   a.capWords = uint32_t((perSeg * width + 7) / 8 / 4 + 1 + 4 + 1);
   // Tensor-core path: 128 codes per vector, whole warps per slot (V: tokens per segment ==
@@ -873,11 +983,12 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
   a.mma = forProducts && mmaEnabled() && vecs % 32 == 0 && vecs <= 256 && a.g.symsPerVec == kMmaCodes &&
           (kind == TensorKind::Key || vecs == kMmaCodes);
   if (a.mma) a.capWords = (a.capWords + 4 + 3) / 4 * 4;
+  a.pred = predEnabled();
   const uint32_t alphaNeed = std::min<uint32_t>(kg::kMaxAlphabet, 2 * alphaMin + 16);
   uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4 * (a.mma ? 2 : 1), 3ull * alphaNeed + 32);
   if (a.mma) stageBytes += kStagePadBytes;
   stageBytes = (stageBytes + 15) / 16 * 16;
-  a.n1max = firstLevelMaxBits();
+  a.n1max = a.mma ? firstLevelMaxBits(kind) : 0;
   a.tableBytes = a.mma && !a.n1max ? kTable32Bytes : kTableBytes;  // with a first level: the u16 table for escapes
   uint64_t weights = 0;
   if (forProducts)
@@ -900,11 +1011,16 @@ size_t smemOf(const Args& a) {
   return size_t(a.stOff + (stageBytes + 15) / 16 * 16);
 }
 
+/** Blocks of a plan resident on one multiprocessor at once (threads and shared memory). */
+uint32_t blocksPerSm(const Args& a, size_t smem) {
+  const uint32_t threads = a.spb * a.g.vecsPerSeg;
+  return std::max<uint32_t>(
+      1, std::min<uint32_t>({2048 / std::max<uint32_t>(threads, 32), 32, uint32_t((227 * 1024) / (smem + 1024))}));
+}
+
 /** Blocks per KV head: about one resident wave over all heads, never more than token-block groups. */
 uint32_t blocksPerHead(const Args& a, size_t smem) {
-  const uint32_t threads = a.spb * a.g.vecsPerSeg;
-  const uint32_t perSm = std::max<uint32_t>(
-      1, std::min<uint32_t>({2048 / std::max<uint32_t>(threads, 32), 32, uint32_t((227 * 1024) / (smem + 1024))}));
+  const uint32_t perSm = blocksPerSm(a, smem);
   const uint32_t groups = (a.g.blocks + a.spb - 1) / a.spb;
   const uint32_t want = std::max<uint32_t>(1, uint32_t(gpu::multiprocessors()) * perSm / std::max<uint32_t>(a.g.heads, 1));
   return std::max<uint32_t>(1, std::min(groups, want));
@@ -975,7 +1091,8 @@ void launchQk(Args a, cudaStream_t st) {
   const size_t smem = smemOf(a);
   a.nx = a.g.segments ? blocksPerHead(a, smem) : 0;
   const uint32_t threads = std::max<uint32_t>(32, a.spb * a.g.vecsPerSeg);
-  const uint32_t tailBlocks = (a.g.tailTokens + threads / 32 - 1) / (threads / 32);  // a warp per token
+  // a warp per token; the tensor-core kernel's coded blocks take the tail themselves
+  const uint32_t tailBlocks = a.mma && a.nx > 0 ? 0 : (a.g.tailTokens + threads / 32 - 1) / (threads / 32);
   dim3 grid(a.nx + tailBlocks, a.g.heads);
   if (grid.x == 0 || grid.y == 0) return;
   if (a.mma) {
@@ -993,7 +1110,14 @@ void launchPv(Args a, cudaStream_t st) {
   if (a.g.heads == 0) return;
   const size_t smem = smemOf(a);
   a.nx = a.g.segments ? blocksPerHead(a, smem) : 0;
-  a.ntail = pvTailBlocks(a);
+  // pvMmaKernel's coded blocks take the fp16 tail themselves when separate tail blocks would
+  // spill into a second wave (128k tokens: 53 x 8 blocks for 396 slots); otherwise (4k: 20 x 8)
+  // the tail blocks run beside them, where their load latency stays hidden (absorbed at 4k, the
+  // serial tail loop after the decode cost V 20.6 -> 25.2 us).
+  const uint32_t tailBlocks = pvTailBlocks(a);
+  const bool absorb = a.mma && a.nx > 0 &&
+                      uint64_t(a.nx + tailBlocks) * a.g.heads > uint64_t(gpu::multiprocessors()) * blocksPerSm(a, smem);
+  a.ntail = absorb ? 0 : tailBlocks;
   if (a.nx + a.ntail > 0) {
     if (a.mma) {
       prepareSmem(pvMmaKernel<G>, smem);

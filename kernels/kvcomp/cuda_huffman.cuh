@@ -1,8 +1,11 @@
 // KVComp on the GPU, the per-thread pieces: the body layout read from the stream's 8-byte header,
 // the canonical Huffman decode table built cooperatively from the 4-bit code lengths, and the
 // bit reader that walks one vector (one thread per vector) out of a segment staged in shared
-// memory. Everything here is __host__ __device__ and free of warp intrinsics, so a host program
+// memory. Everything here is __host__ __device__ and free of warp intrinsics but one, so a host program
 // can run the same code (block phases as loops over thread ids) against cpu.cpp.
+//
+// Warp intrinsics: only PairReader::anyLane (__any_sync on the device, the lane's own flag on the
+// host, which gives the same codes: see PairReader::next).
 //
 // Lookups: 32 lanes reading random entries of the 4096-entry table cost ~5 shared-memory
 // wavefronts per code (bank conflicts, measured by emulating a warp over the bench's keys). A
@@ -12,8 +15,13 @@
 // H100 it is slower (more instructions per code, 16 KiB less room for blocks): the loop is bound
 // by instructions, not by those conflicts, so it is off unless PACKKV_KVCOMP_T1 asks for it.
 // The tensor-core products (second half of this file) use a 32-bit table and PairReader instead:
-// about 9.5 instructions per code, after which the table's bank conflicts (~5.5 wavefronts per
-// warp lookup for K at k_rel=0.05, kvcomp_t1_emu) are what bound them.
+// 37 SASS instructions per 4-code step (9.25 per code), after which the table's bank conflicts
+// (~5.5 wavefronts per warp lookup for K at k_rel=0.05, kvcomp_t1_emu) bound them: ncu on the
+// H100 at 128k tokens, q·Kᵀ, shared-memory pipe 88% busy, 68% of its load wavefronts conflicts.
+// The per-lane first level there (PairReader::next<.., FIRST>, a warp-uniform vote per pair for
+// escapes) removes the conflicts (pipe 33%) but costs 14 more instructions per step; measured
+// slower (K 162 vs 152 us, V 231 vs 170 us with an 8-bit level that takes V's third block per SM),
+// so off by default too (PACKKV_KVCOMP_T1 / PACKKV_KVCOMP_T1V).
 #pragma once
 #include <cstdint>
 
@@ -360,7 +368,23 @@ struct PairReader {
     w1 = st[(p0 >> 5) + 1];
     w2 = st[(p0 >> 5) + 2];
   }
-  /** FIRST: t1 = tableFirstLevel32 (shift1 = 32 - n1, this lane's bank), table = the u16 full table. */
+  /**
+   * FIRST: t1 = tableFirstLevel32 (shift1 = 32 - n1, this lane's bank), table = the u16 full table;
+   * lookup() is the per-lane form (the emulator counts escapes with it), next() the warp form.
+   */
+  /** The u16 full table's entry for the window top, as a 32-bit entry (fp16 value << 16 | length). */
+  static KVC_HD uint32_t fullEntry(uint32_t top, const uint32_t* table, uint32_t shiftR, int32_t center) {
+    const uint32_t u = reinterpret_cast<const uint16_t*>(table)[top >> shiftR];
+    return (intToHalfBits(int32_t(u >> 4) - center) << 16) | (u & 15u);
+  }
+  /** Whether any lane of the warp has b (a lane's own b on the host, which decodes lane by lane). */
+  static KVC_HD bool anyLane(bool b) {
+#ifdef __CUDA_ARCH__
+    return __any_sync(0xffffffffu, b);
+#else
+    return b;
+#endif
+  }
   template <bool FIRST>
   static KVC_HD uint32_t lookup(uint32_t top, const uint32_t* table, uint32_t shiftR, int32_t center, const uint32_t* t1,
                                 uint32_t shift1, uint32_t lane) {
@@ -372,7 +396,13 @@ struct PairReader {
     }
     return e;
   }
-  template <bool RAW, bool FIRST = false>
+  /**
+   * PRED: the next word is read only by lanes whose window advances (w2 = st[p/32 + 2] is the
+   * same word otherwise): a warp's window load then costs the wavefronts of the few advancing
+   * lanes (~1 lane in 8 for K at 2 bits per code) instead of all 32, whose words sit about one
+   * vector (~8 words) apart, i.e. in ~4 banks.
+   */
+  template <bool RAW, bool FIRST = false, bool PRED = true>
   KVC_HD uint32_t next(const uint32_t* st, const uint32_t* table, uint32_t shiftR, uint32_t w, int32_t center,
                        const uint32_t* t1 = nullptr, uint32_t shift1 = 0, uint32_t lane = 0) {
     const uint32_t top = funnelL(w1, w0, p);
@@ -380,15 +410,27 @@ struct PairReader {
     if (RAW) {
       e0 = (intToHalfBits(int32_t(top >> (32 - w)) - center) << 16) | w;
       e1 = (intToHalfBits(int32_t((top << w) >> (32 - w)) - center) << 16) | w;
+    } else if (FIRST) {
+      // Both codes from this lane's first level (conflict-free); if a lane of the warp meets a
+      // code longer than n1 bits, the whole warp redoes the pair from the u16 full table: a
+      // warp-uniform branch (no divergence, no reconvergence), taken for ~17% of K's pairs at
+      // n1 = 6. The first-level entries equal the full table's, so lanes without an escape get
+      // the same codes either way.
+      e0 = t1[((top >> shift1) << 5) | lane];
+      e1 = t1[((funnelL(0, top, e0) >> shift1) << 5) | lane];
+      if (anyLane(((e0 & 31u) == 0u) | ((e1 & 31u) == 0u))) {
+        e0 = fullEntry(top, table, shiftR, center);
+        e1 = fullEntry(funnelL(0, top, e0), table, shiftR, center);
+      }
     } else {
-      e0 = lookup<FIRST>(top, table, shiftR, center, t1, shift1, lane);
-      e1 = lookup<FIRST>(funnelL(0, top, e0), table, shiftR, center, t1, shift1, lane);
+      e0 = table[top >> shiftR];
+      e1 = table[funnelL(0, top, e0) >> shiftR];
     }
     const uint32_t pn = p + ((e0 + e1) & 31);
     const bool adv = (pn ^ p) >= 32u;
     w0 = adv ? w1 : w0;
     w1 = adv ? w2 : w1;
-    w2 = st[(pn >> 5) + 2];
+    if (!PRED || adv) w2 = st[(pn >> 5) + 2];
     p = pn;
     return packHighHalves(e0, e1);
   }

@@ -8,6 +8,9 @@
 // head_dim = v_block = 128: the 32-bit table (tableFill32), decodePair over each lane's vector,
 // the A fragments as the kernels write them, and mma.m16n8k16 emulated from the PTX fragment
 // layout (independently of mmaHead / cOwner); products vs a double reference over the CPU decode.
+// It also counts, per warp-pair of codes, the window-word wavefronts with and without
+// PACKKV_KVCOMP_PRED (all lanes read vs only advancing lanes) and how often some lane of the warp
+// escapes the first level (PairReader::next's warp-uniform slow path) at 6 and 8 bits.
 //   g++ -O2 -std=c++17 -Ikernels -I/usr/local/cuda/include kernels/tools/kvcomp_t1_emu.cpp \
 //       build-X/CMakeFiles/packkv_codecs.dir/kernels/{*,*/cpu}.cpp.o -lpthread -o kvcomp_t1_emu
 #include <cmath>
@@ -174,7 +177,7 @@ void fragIdx(uint32_t idx, uint32_t& i, uint32_t& g, uint32_t& s, uint32_t& mt) 
 
 /** Rel. L2 of the emulated tensor-core product vs double over the CPU decode (coded tokens only). */
 double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::Inputs& in, uint32_t G, bool& tableOk,
-              double (&wfStats)[6]) {
+              double (&wfStats)[9]) {
   const Shape& s = v.header.shape;
   const TensorKind kind = v.header.kind;
   const bool key = kind == TensorKind::Key;
@@ -287,7 +290,7 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
         uint32_t bb[32][2];
         for (uint32_t r = 0; r < 2; ++r) {
           // shared-memory wavefronts of this warp-pair: max distinct words per bank per load
-          std::map<uint32_t, std::set<uint32_t>> l0, l1, lw, esc[2][2];
+          std::map<uint32_t, std::set<uint32_t>> l0, l1, lw, lwAll, esc[2][2];
           for (uint32_t ln = 0; ln < 32 && !raw; ++ln) {
             const kg::PairReader q = rd[ln];
             const uint32_t top = kg::funnelL(q.w1, q.w0, q.p), i0 = top >> shiftR, i1 = kg::funnelL(0, top, t32[i0]) >> shiftR;
@@ -295,6 +298,7 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
             l0[i0 & 31].insert(i0);
             l1[i1 & 31].insert(i1);
             if ((pn ^ q.p) >= 32) lw[((pn >> 5) + 2) & 31].insert((pn >> 5) + 2);
+            lwAll[((pn >> 5) + 2) & 31].insert((pn >> 5) + 2);  // PACKKV_KVCOMP_PRED=0: every lane reads
           }
           for (auto* m : {&l0, &l1, &lw}) {
             size_t mx = 0;
@@ -302,6 +306,11 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
             wfStats[m == &l0 ? 0 : m == &l1 ? 1 : 2] += double(mx);
           }
           wfStats[3] += raw ? 0.0 : 1.0;
+          {
+            size_t mx = 0;
+            for (auto& x : lwAll) mx = std::max(mx, x.second.size());
+            wfStats[6] += double(mx);
+          }
           for (uint32_t ln = 0; ln < 32; ++ln) {
             bb[ln][r] = raw ? rd[ln].next<true>(st.data(), t32.data(), shiftR, w, center)
                             : rd[ln].next<false>(st.data(), t32.data(), shiftR, w, center);
@@ -325,6 +334,8 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
             else
               for (int f = 0; f < 2; ++f) rdF[f][ln] = rd[ln];
           }
+          for (int f = 0; f < 2 && !raw; ++f)  // warp-pairs where some lane escapes (PairReader::next's slow path)
+            wfStats[7 + f] += esc[f][0].empty() && esc[f][1].empty() ? 0.0 : 1.0;
           for (int f = 0; f < 2 && !raw; ++f)
             for (int k = 0; k < 2; ++k) {
               size_t mx = 0;
@@ -428,13 +439,14 @@ int main(int argc, char** argv) {
         std::vector<float> ref(s.elements());
         decodeStream(v, ref.data());
         bool tableOk = true;
-        double wf[6] = {};
+        double wf[9] = {};
         const double rel = mmaRun(v, ref, in, G, tableOk, wf);
         const bool ok = tableOk && rel < 5e-6;  // the bench checks 1e-5
         mmaOk &= ok;
-        std::printf("mma G=%u %-44s %s: wavefronts/warp-pair: lookups %.2f + %.2f (T1=6: %.2f, T1=8: %.2f), word %.2f; table %s rel L2 %.3g %s\n",
+        std::printf("mma G=%u %-44s %s: wavefronts/warp-pair: lookups %.2f + %.2f (T1=6: %.2f, T1=8: %.2f), word %.2f (PRED=0 %.2f), warp-pairs with an escape T1=6 %.3f T1=8 %.3f; table %s rel L2 %.3g %s\n",
                     G, spec, kindName(kind), wf[3] ? wf[0] / wf[3] : 0.0, wf[3] ? wf[1] / wf[3] : 0.0,
                     wf[3] ? wf[4] / wf[3] : 0.0, wf[3] ? wf[5] / wf[3] : 0.0, wf[3] ? wf[2] / wf[3] : 0.0,
+                    wf[3] ? wf[6] / wf[3] : 0.0, wf[3] ? wf[7] / wf[3] : 0.0, wf[3] ? wf[8] / wf[3] : 0.0,
                     tableOk ? "ok" : "BAD", rel, ok ? "ok" : "FAIL");
       }
     }
