@@ -8,10 +8,10 @@
 // codes read once per GQA group). A V stream whose last channel group is partial (group ∤
 // head_dim, which TailorKV allows and KIVI does not) is refused with a CodecError.
 //
-// mode=s (cuda_sparse.cuh): encode, decode, and the fused products run here. q·Kᵀ is four
-// launches per query step over all KV and query heads (approximate channel scoring in double,
-// a radix top-`budget` select with the CPU's tie rule, exact scores of the device and selected
-// rows, kMaskedScore elsewhere); p·V is one launch reading the device rows and the offloaded rows
+// mode=s (cuda_sparse.cuh): encode, decode, and the fused products run here. q·Kᵀ is two
+// launches per query step over all KV and query heads (approximate channel scoring in double with
+// a linear-bin histogram; then the top-`budget` select with the CPU's tie rule; exact scores of
+// the device and selected rows, kMaskedScore elsewhere); p·V is one launch reading the device rows and the offloaded rows
 // with p != 0. Limits beyond cpu.cpp's check(): head_dim <= 1024 (q·Kᵀ, encode), head_dim 64 or
 // 128 and 1/2/4/8 query heads per KV head (p·V), at most 8 query heads per KV head (q·Kᵀ).
 #include <cuda_fp16.h>
@@ -120,11 +120,11 @@ uint32_t selectedOf(const Params& p, const SparseLayout& lay) {
   return lay.hostTokens > 0 ? std::min(budget, lay.hostTokens) : 0;
 }
 
-/** Tokens per block of the scoring kernels: about eight blocks per SM over all KV heads. */
+/** Tokens per scoreKernel block: a multiple of kTile, about four blocks per SM over all KV heads. */
 uint32_t chunkOf(uint32_t M, uint32_t H) {
-  const uint64_t want = (uint64_t(M) * H + 8 * gpu::multiprocessors() - 1) / (8 * gpu::multiprocessors());
-  const uint64_t c = (want + sp::kApproxThreads - 1) / sp::kApproxThreads * sp::kApproxThreads;
-  return uint32_t(std::min<uint64_t>(std::max<uint64_t>(c, sp::kApproxThreads), 8192));
+  const uint64_t per = uint64_t(sp::kTile) * 4 * gpu::multiprocessors();
+  const uint64_t tiles = std::max<uint64_t>(1, (uint64_t(M) * H + per - 1) / per);
+  return uint32_t(std::min<uint64_t>(tiles, 64) * sp::kTile);
 }
 
 using PvFn = void (*)(sp::PvArgs);
@@ -156,7 +156,7 @@ size_t sparseWorkspaceBytes(const StreamView& s, uint32_t qHeads) {
   const Shape& sh = s.header.shape;
   const SparseLayout lay = sparseLayout(s.params, s.header.kind, sh);
   if (s.header.kind == TensorKind::Key)
-    return kFlagBytes + sp::qkWorkspaceBytes(sh.heads, lay.hostTokens, selectedOf(s.params, lay));
+    return kFlagBytes + sp::qkWorkspaceBytes(sh.heads, lay.hostTokens, selectedOf(s.params, lay), sh.dim);
   const uint32_t group = sh.heads ? qHeads / sh.heads : 0;
   PvFn fn = pvKernelFor(sh.dim, group);
   if (!fn) return kFlagBytes;
@@ -183,12 +183,20 @@ Breakdown encodeSparse(const float* x, const Shape& s, TensorKind kind, const Pa
                    s.heads, s.tokens, s.dim, lay.sinks, lay.window, lay.hostTokens, lay.deviceTokens,
                    kind == TensorKind::Key, bad};
   const size_t n = size_t(s.heads) * (lay.deviceTokens + lay.hostTokens) * s.dim;
-  if (n > 0) {
+  const bool keyTiles = kind == TensorKind::Key && s.dim % 2 == 0 && reinterpret_cast<uintptr_t>(a.maxAbs) % 4 == 0;
+  if (keyTiles && s.heads > 0 && s.dim > 0) {  // K: one tiled pass (rows, channel-major rows, max|K|)
+    PACKKV_CUDA_CHECK(cudaMemsetAsync(a.maxAbs, 0, lay.maxAbsBytes, l.stream));
+    const uint32_t tiles = (s.tokens + sp::keyTileOf(s.dim) - 1) / sp::keyTileOf(s.dim);
+    if (tiles > 0) {
+      sp::encodeKeyKernel<<<dim3(tiles, s.heads), 256, sp::keyTileSmemOf(s.dim), l.stream>>>(a);
+      PACKKV_LAUNCH_CHECK();
+    }
+  } else if (n > 0) {
     const unsigned grid = unsigned(std::min<size_t>((n + 255) / 256, size_t(gpu::multiprocessors()) * 16));
     sp::encodeRowsKernel<<<grid, 256, 0, l.stream>>>(a);
     PACKKV_LAUNCH_CHECK();
   }
-  if (kind == TensorKind::Key && s.heads > 0 && s.dim > 0) {
+  if (!keyTiles && kind == TensorKind::Key && s.heads > 0 && s.dim > 0) {
     sp::maxAbsKernel<<<s.heads, 1024, 0, l.stream>>>(a);
     PACKKV_LAUNCH_CHECK();
   }
@@ -225,33 +233,31 @@ void qkSparse(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t 
   a.H = sh.heads, a.T = sh.tokens, a.D = sh.dim, a.G = G, a.sinks = lay.sinks, a.window = lay.window;
   a.M = lay.hostTokens, a.devTokens = lay.deviceTokens, a.channels = uint32_t(s.params.integer("channels"));
   a.k = selectedOf(s.params, lay);
-  a.chunk = chunkOf(a.M, a.H);
+  a.devBlocks = (a.devTokens + sp::exactRowsOf(a.D) - 1) / sp::exactRowsOf(a.D);
+  a.chunk = chunkOf(a.M, a.H), a.chunks = (a.M + a.chunk - 1) / a.chunk;
+  a.selChunk = sp::selectChunkOf(a.M, a.k, a.D), a.selChunks = (a.M + a.selChunk - 1) / a.selChunk;
   sp::qkWorkspaceSplit(a, static_cast<uint8_t*>(l.workspace) + kFlagBytes);
-  const dim3 chunks((a.M + a.chunk - 1) / a.chunk, a.H);
-  const size_t approxSmem = 2 * size_t(a.D) * 8 + (sp::kBins + a.D) * 4;
-  const size_t exactSmem = sp::exactSmemOf(a.D, G);
-  const uint32_t exactRows = a.devTokens + a.k, perBlock = sp::exactRowsOf(a.D);
-  static bool smemRaised = false;  // up to 48.2 KB at head_dim 1024 with 8 query heads per KV head
+  // 16-byte channel-row loads and bin stores need M % 8 == 0 and an aligned host K.
+  const bool vec = a.M % 8 == 0 && reinterpret_cast<uintptr_t>(a.host) % 16 == 0;
+  const auto score = vec ? sp::scoreKernel<true> : sp::scoreKernel<false>;
+  const auto select = vec ? sp::selectKernel<true> : sp::selectKernel<false>;
+  const size_t scoreSmem = sp::scoreSmemOf(a.D, G), selectSmem = sp::selectSmemOf(a.selChunk, a.D, G);
+  static bool smemRaised = false;  // up to ~58 KB at head_dim 1024 with 8 query heads per KV head
   if (!smemRaised) {
-    PACKKV_CUDA_CHECK(cudaFuncSetAttribute(sp::exactKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10));
+    for (auto fn : {sp::scoreKernel<true>, sp::scoreKernel<false>, sp::selectKernel<true>, sp::selectKernel<false>})
+      PACKKV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10));
     smemRaised = true;
   }
+  const uint32_t scoreBlocks = a.devBlocks + (a.M > 0 ? a.chunks : 0);
   for (uint32_t n = 0; n < nq; ++n) {
     a.q = reinterpret_cast<const __half*>(q) + size_t(n) * qHeads * sh.dim;
     a.scores = scores + size_t(n) * qHeads * sh.tokens;
-    if (a.M > 0 && sh.heads > 0) {
-      sp::approxKernel<<<chunks, sp::kApproxThreads, approxSmem, l.stream>>>(a);
+    if (scoreBlocks > 0 && sh.heads > 0) {
+      score<<<dim3(scoreBlocks, a.H), sp::kQkThreads, scoreSmem, l.stream>>>(a);
       PACKKV_LAUNCH_CHECK();
-      if (a.k > 0) {
-        sp::candidateKernel<<<chunks, sp::kApproxThreads, 0, l.stream>>>(a);
-        PACKKV_LAUNCH_CHECK();
-        sp::finalSelectKernel<<<a.H, sp::kSelectThreads, 0, l.stream>>>(a);
-        PACKKV_LAUNCH_CHECK();
-      }
     }
-    if (exactRows > 0 && sh.heads > 0) {
-      const dim3 grid((exactRows + perBlock - 1) / perBlock, a.H);
-      sp::exactKernel<<<grid, sp::kExactThreads, exactSmem, l.stream>>>(a);
+    if (a.M > 0 && a.k > 0 && sh.heads > 0) {
+      select<<<dim3(a.selChunks, a.H), sp::kQkThreads, selectSmem, l.stream>>>(a);
       PACKKV_LAUNCH_CHECK();
     }
   }

@@ -3,20 +3,27 @@
 //
 //   encode   one pass writing the fp16 sinks/window rows, the offloaded rows (K channel-major,
 //            V token-major) and max|K| per channel rounded up (__float2half_ru = floatToHalfUp).
-//   q·Kᵀ     four launches per query step, all KV heads and query heads in each:
-//            approxKernel    per (token chunk, KV head): GQA-mean query q̄ and channel scores
-//                            |q̄|·max|K| in double, top-`channels` by rank (ties to the lower
-//                            index), approximate scores Σ_c q̄_c·K[c][m] in double in ascending
-//                            channel order (the CPU's order: the same doubles), their ordered
-//                            64-bit keys, a histogram of the top 12 key bits, and kMaskedScore
-//                            into every offloaded position of every query head.
-//            candidateKernel the boundary bin of the top `budget` (from that histogram): tokens
-//                            above it are selected, tokens in it become candidates.
-//            finalSelectKernel one block per KV head: radix select over the candidates on the
-//                            96-bit key (ordered score, ~index) in 12-bit digits, so ties go to
-//                            the lower index exactly as cpu.cpp's topK breaks them.
-//            exactKernel     device rows and the selected rows: q·k in double in channel order
-//                            (the CPU's sum, bit for bit), rounded to f32.
+//   q·Kᵀ     two launches per query step, all KV heads and query heads in each:
+//            scoreKernel   blocks of device rows: their exact scores (they do not depend on the
+//                          selection). Blocks of kTile-token chunks: kMaskedScore into every
+//                          offloaded position of every query head; the GQA-mean query q̄ and
+//                          channel scores |q̄|·max|K| in double, top-`channels` by rank (ties to
+//                          the lower index); approximate scores Σ_c q̄_c·K[c][m] in double in
+//                          ascending channel order (the CPU's doubles) from 16-byte channel-row
+//                          loads; a linear bin of each score over [-B, B], B = Σ_c |q̄_c|·max|K_c|
+//                          (kLinBins bins, non-decreasing in the score), stored as u16, and a
+//                          histogram. The head's last block (last-block-done counter) finds the
+//                          bin holding the budget-th score.
+//            selectKernel  blocks of token chunks: tokens above the boundary bin are selected and
+//                          their exact scores computed right there; tokens in it are candidates
+//                          (score recomputed, 64-bit ordered key). The head's last block picks the
+//                          remaining winners among the candidates on the key (score, ~index), so
+//                          ties go to the lower index as cpu.cpp's topK breaks them: by rank when
+//                          they are few (the usual case: a bin is ~1/2000 of the score range), by
+//                          a 96-bit radix select in 12-bit digits otherwise (ties, zero queries);
+//                          then the winners' exact scores.
+//            Exact scores: q·k in double in channel order (the CPU's sum, bit for bit), rounded to
+//            f32; the rows are staged in shared memory with all loads in flight.
 //   p·V      one launch: blocks over (row splits, KV head) read the device rows and only the
 //            offloaded rows whose p is non-zero for some query head of the group (ballot per
 //            32 rows; zero rows issue no load), f32 FMAs, block partials summed in split order
@@ -37,14 +44,40 @@
 
 namespace packkv::tailorkv::sparse {
 
-constexpr uint32_t kDigitBits = 12, kBins = 1u << kDigitBits, kDigits = 8;  // 96-bit key, 8 digits
-constexpr uint32_t kApproxThreads = 256, kSelectThreads = 1024, kExactThreads = 128, kPvThreads = 256;
+constexpr uint32_t kDigitBits = 12, kBins = 1u << kDigitBits, kDigits = 8;  // radix fallback: 96-bit key
+constexpr uint32_t kLinBins = 2048;  // first-level bins, linear in the approximate score
+constexpr uint32_t kQkThreads = 256, kTokensPerThread = 8, kTile = kQkThreads * kTokensPerThread;
+constexpr uint32_t kRankMax = kQkThreads;  // boundary candidates ranked directly (one per thread)
+constexpr uint32_t kPvThreads = 256;
 constexpr uint32_t kMaxGroup = 8;  // query heads per KV head the kernels accumulate for
-constexpr uint32_t kUnrolledChannels = 16;  // scoring channels whose loads are issued together
+constexpr uint32_t kBatchChannels = 8;  // scoring channels whose loads are issued together
 
 /** Token index of device row i: the sinks first, then the recent window (cpu.cpp deviceToken). */
 __host__ __device__ inline uint32_t deviceTokenOf(uint32_t i, uint32_t sinks, uint32_t window, uint32_t tokens) {
   return i < sinks ? i : tokens - window + (i - sinks);
+}
+
+/** Round-to-nearest double add / multiply / divide, the same on the host and the device. */
+__host__ __device__ inline double addRn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+__host__ __device__ inline double mulRn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+__host__ __device__ inline double divRn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
 }
 
 /** Order-preserving u64 of a double (-0 folded onto +0, since the CPU's == ties them). */
@@ -59,6 +92,25 @@ __host__ __device__ inline uint64_t orderedKey(double v) {
   return (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
 }
 
+/** Token a ranks before token b in cpu.cpp's topK: higher score, ties to the lower index. */
+__host__ __device__ inline bool ranksBefore(uint64_t keyA, uint32_t idxA, uint64_t keyB, uint32_t idxB) {
+  return keyA > keyB || (keyA == keyB && idxA < idxB);
+}
+
+/** kLinBins / (2B) for the score bound B (0 when B is 0: every score then falls in bin 0). */
+__host__ __device__ inline double linScaleOf(double bound) {
+  return bound > 0.0 ? divRn(double(kLinBins), mulRn(2.0, bound)) : 0.0;
+}
+
+/** Linear bin of an approximate score: floor((s + B)·scale) clamped to [0, kLinBins). Each step
+ *  rounds monotonically, so the bin never decreases with s: a token in a higher bin has a strictly
+ *  higher score. Only a partition: B need not bound the rounded scores. */
+__host__ __device__ inline uint32_t linBinOf(double s, double bound, double scale) {
+  const double u = mulRn(addRn(s, bound), scale);
+  if (!(u > 0.0)) return 0;
+  return u >= double(kLinBins) ? kLinBins - 1 : uint32_t(u);
+}
+
 /** Digit j (0 = most significant) of the 96-bit key (ordered score, ~index): larger is better. */
 __host__ __device__ inline uint32_t digitOf(uint64_t key, uint32_t idx, uint32_t j) {
   const uint32_t lo = ~idx;
@@ -69,19 +121,19 @@ __host__ __device__ inline uint32_t digitOf(uint64_t key, uint32_t idx, uint32_t
 }
 
 /** Sum of the bins thread t covers, counted from the top bin down (per bins each). */
-__host__ __device__ inline uint32_t binsSum(const uint32_t* hist, uint32_t t, uint32_t per) {
+__host__ __device__ inline uint32_t binsSum(const uint32_t* hist, uint32_t bins, uint32_t t, uint32_t per) {
   uint32_t s = 0;
-  for (uint32_t j = 0; j < per; ++j) s += hist[kBins - 1 - t * per - j];
+  for (uint32_t j = 0; j < per; ++j) s += hist[bins - 1 - t * per - j];
   return s;
 }
 
 /** The bin holding the need-th largest element, if thread t covers it: above(bin) < need <=
  *  above(bin) + count(bin); `before` = elements in the bins above thread t's. */
-__host__ __device__ inline bool findBoundary(const uint32_t* hist, uint32_t t, uint32_t per, uint32_t before,
-                                             uint32_t need, uint32_t* out /* bin, above, count */) {
+__host__ __device__ inline bool findBoundary(const uint32_t* hist, uint32_t bins, uint32_t t, uint32_t per,
+                                             uint32_t before, uint32_t need, uint32_t* out /* bin, above, count */) {
   uint32_t acc = before;
   for (uint32_t j = 0; j < per; ++j) {
-    const uint32_t b = kBins - 1 - t * per - j, c = hist[b];
+    const uint32_t b = bins - 1 - t * per - j, c = hist[b];
     if (acc < need && need <= acc + c) {
       out[0] = b, out[1] = acc, out[2] = c;
       return true;
@@ -91,33 +143,69 @@ __host__ __device__ inline bool findBoundary(const uint32_t* hist, uint32_t t, u
   return false;
 }
 
+/** Rows per exact-score round, and the shared memory of a round (q as f32, the rows as f32). */
+__host__ __device__ inline uint32_t exactRowsOf(uint32_t D) { return D >= 4096 ? 1 : (4096 / D < 32 ? 4096 / D : 32); }
+__host__ __device__ inline size_t exactSmemOf(uint32_t D, uint32_t G) {
+  return size_t(G) * D * 4 + size_t(exactRowsOf(D)) * (D + 1) * 4;
+}
+
+/** Tokens per selectKernel block: about exactRowsOf(D) selected tokens each (one exact round). */
+__host__ __device__ inline uint32_t selectChunkOf(uint32_t M, uint32_t k, uint32_t D) {
+  const uint64_t want = k ? uint64_t(exactRowsOf(D)) * M / k : kTile;
+  uint32_t c = 32;
+  while (c < kTile && uint64_t(c) * 2 <= want) c *= 2;
+  return c;
+}
+
 struct QkArgs {
   const __half* q;  // [qHeads][D] of this query step
   const uint16_t *dev, *maxAbs, *host;
   float* scores;  // [qHeads][T] of this query step
-  uint32_t H, T, D, G, sinks, window, M, devTokens, channels, k, chunk;
-  uint32_t* hist;      // [H][kBins], zero between calls
-  uint32_t* counters;  // [H][2]: selected so far, candidates; zero between calls
-  uint64_t* keys;      // [H][M]
+  uint32_t H, T, D, G, sinks, window, M, devTokens, channels, k;
+  uint32_t devBlocks;            // scoreKernel blocks of device rows (exactRowsOf(D) rows each)
+  uint32_t chunk, chunks;        // scoreKernel tokens per block (a multiple of kTile), blocks per head
+  uint32_t selChunk, selChunks;  // selectKernel tokens per block, blocks per head
+  uint32_t* hist;      // [H][kLinBins], zero between calls
+  uint32_t* counters;  // [H][4]: score blocks done, select blocks done, candidates; zero between calls
+  int32_t* bound;      // [H][4]: boundary bin (-1: every token selected), tokens above it, in it, C
+  uint32_t* chans;     // [H][D]: the scoring channels, ascending
+  double* qsel;        // [H][D]: q̄ of those channels
+  uint16_t* bins;      // [H][M]
   uint64_t* candKey[2];
   uint32_t* candIdx[2];  // [H][M] each
-  uint32_t* sel;         // [H][k]
+  uint32_t* sel;         // [H][k]: boundary-bin winners
 };
 
 /** Bytes of the q·Kᵀ workspace after its 256-byte flag area, and the pointers into it. */
-inline uint64_t qkWorkspaceBytes(uint64_t H, uint64_t M, uint64_t k) {
+inline uint64_t qkWorkspaceBytes(uint64_t H, uint64_t M, uint64_t k, uint64_t D) {
   auto up = [](uint64_t b) { return (b + 255) / 256 * 256; };
-  return up(H * kBins * 4) + up(H * 8) + 3 * up(H * M * 8) + 2 * up(H * M * 4) + up(H * k * 4);
+  return up(H * kLinBins * 4) + 2 * up(H * 16) + up(H * D * 4) + up(H * D * 8) + up(H * M * 2) +
+         2 * up(H * M * 8) + 2 * up(H * M * 4) + up(H * k * 4);
 }
 inline void qkWorkspaceSplit(QkArgs& a, uint8_t* base) {
   auto up = [](uint64_t b) { return (b + 255) / 256 * 256; };
-  const uint64_t H = a.H, M = a.M;
-  a.hist = reinterpret_cast<uint32_t*>(base), base += up(H * kBins * 4);
-  a.counters = reinterpret_cast<uint32_t*>(base), base += up(H * 8);
-  a.keys = reinterpret_cast<uint64_t*>(base), base += up(H * M * 8);
+  const uint64_t H = a.H, M = a.M, D = a.D;
+  a.hist = reinterpret_cast<uint32_t*>(base), base += up(H * kLinBins * 4);
+  a.counters = reinterpret_cast<uint32_t*>(base), base += up(H * 16);
+  a.bound = reinterpret_cast<int32_t*>(base), base += up(H * 16);
+  a.chans = reinterpret_cast<uint32_t*>(base), base += up(H * D * 4);
+  a.qsel = reinterpret_cast<double*>(base), base += up(H * D * 8);
+  a.bins = reinterpret_cast<uint16_t*>(base), base += up(H * M * 2);
   for (int i = 0; i < 2; ++i) a.candKey[i] = reinterpret_cast<uint64_t*>(base), base += up(H * M * 8);
   for (int i = 0; i < 2; ++i) a.candIdx[i] = reinterpret_cast<uint32_t*>(base), base += up(H * M * 4);
   a.sel = reinterpret_cast<uint32_t*>(base);
+}
+
+/** Dynamic shared memory of the two q·Kᵀ kernels. */
+inline size_t scoreSmemOf(uint32_t D, uint32_t G) {
+  const size_t choose = 2 * size_t(D) * 8 + size_t(D > kLinBins ? D : kLinBins) * 4 + size_t(D) * 4;
+  const size_t exact = exactSmemOf(D, G);
+  return choose > exact ? choose : exact;
+}
+inline size_t selectSmemOf(uint32_t selChunk, uint32_t D, uint32_t G) {
+  const size_t select = size_t(kBins) * 4 > size_t(kRankMax) * 12 ? size_t(kBins) * 4 : size_t(kRankMax) * 12;
+  const size_t exact = exactSmemOf(D, G);
+  return (size_t(selChunk) * 4 + 15) / 16 * 16 + (select > exact ? select : exact);
 }
 
 #ifdef __CUDACC__
@@ -149,12 +237,13 @@ __device__ inline uint32_t blockExclusiveScan(uint32_t v, uint32_t* sWarp) {
   return r;
 }
 
-/** The boundary bin of hist (kBins bins, shared or global) for `need`, into sOut[0..2] (shared). */
-__device__ inline void blockBoundary(const uint32_t* hist, uint32_t need, uint32_t* sWarp, uint32_t* sOut) {
-  const uint32_t per = kBins / blockDim.x;
-  const uint32_t local = binsSum(hist, threadIdx.x, per);
+/** The boundary bin of hist (`bins` bins, shared) for `need`, into sOut[0..2] (shared). */
+__device__ inline void blockBoundary(const uint32_t* hist, uint32_t bins, uint32_t need, uint32_t* sWarp,
+                                     uint32_t* sOut) {
+  const uint32_t per = bins / blockDim.x;
+  const uint32_t local = binsSum(hist, bins, threadIdx.x, per);
   const uint32_t before = blockExclusiveScan(local, sWarp);
-  findBoundary(hist, threadIdx.x, per, before, need, sOut);
+  findBoundary(hist, bins, threadIdx.x, per, before, need, sOut);
   __syncthreads();
 }
 
@@ -175,6 +264,17 @@ __device__ inline uint32_t warpAppend(uint32_t* counter, bool take) {
   if (laneId() == leader) base = atomicAdd(counter, uint32_t(__popc(m)));
   base = __shfl_sync(0xFFFFFFFFu, base, leader);
   return base + uint32_t(__popc(m & ((1u << laneId()) - 1u)));
+}
+
+/** True in every thread of the block for the last of `blocks` blocks to arrive at counter. */
+__device__ inline bool lastBlockDone(uint32_t* counter, uint32_t blocks, bool* sLast) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *sLast = atomicAdd(counter, 1u) == blocks - 1;
+  __syncthreads();
+  if (!*sLast) return false;
+  __threadfence();
+  return true;
 }
 
 /**
@@ -214,92 +314,188 @@ __device__ void chooseChannels(const QkArgs& a, uint32_t h, double* qbar, double
   __syncthreads();
 }
 
-/** grid (chunks, H): approximate scores, their keys and top-digit histogram, masked outputs. */
-__global__ void __launch_bounds__(kApproxThreads) approxKernel(QkArgs a) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  double* qbar = reinterpret_cast<double*>(smem);
-  double* qsel = qbar + a.D;
-  uint32_t* hist = reinterpret_cast<uint32_t*>(qsel + a.D);  // kBins; the flags first
-  uint32_t* ch = hist + kBins;
-  const uint32_t h = blockIdx.y, M = a.M, C = a.channels < a.D ? a.channels : a.D;
-  const uint32_t m0 = blockIdx.x * a.chunk, m1 = min(M, m0 + a.chunk);
-  const bool select = a.k > 0;
-  if (select) {
-    chooseChannels(a, h, qbar, qsel, hist, ch);
-    for (uint32_t b = threadIdx.x; b < kBins; b += blockDim.x) hist[b] = 0;
+/**
+ * Exact scores of n rows of KV head h, exactRowsOf(D) per round: device rows first..first+n when
+ * list is null, else the offloaded tokens list[0..n) (gathered from the channel-major host K). All
+ * loads of a round are in flight before the first store; then one thread per (row, query head)
+ * sums q·k in double in channel order: cpu.cpp's sum, bit for bit. smem: exactSmemOf(D, G) bytes.
+ */
+__device__ void exactRows(const QkArgs& a, uint32_t h, const uint32_t* list, uint32_t first, uint32_t n,
+                          float* smem) {
+  const uint32_t D = a.D, G = a.G, R = exactRowsOf(D), S = D + 1;
+  float* qs = smem;     // [G][D]
+  float* ks = qs + G * D;  // [R][D+1]
+  if (n == 0) return;
+  __syncthreads();  // the caller's use of this shared memory is over
+  for (uint32_t i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = __half2float(a.q[size_t(h) * G * D + i]);
+  for (uint32_t r0 = 0; r0 < n; r0 += R) {
+    const uint32_t rows = n - r0 < R ? n - r0 : R, cnt = rows * D;
+    if (r0) __syncthreads();  // the previous round's readers are done
+    for (uint32_t i0 = threadIdx.x; i0 < cnt; i0 += 8 * blockDim.x) {
+      uint16_t v[8];
+#pragma unroll
+      for (uint32_t u = 0; u < 8; ++u) {
+        const uint32_t i = i0 + u * blockDim.x, lr = i / D, d = i % D;
+        v[u] = 0;
+        if (i < cnt)
+          v[u] = list ? __ldg(a.host + (size_t(h) * D + d) * a.M + list[r0 + lr])
+                      : __ldg(a.dev + (size_t(h) * a.devTokens + first + r0 + lr) * D + d);
+      }
+#pragma unroll
+      for (uint32_t u = 0; u < 8; ++u) {
+        const uint32_t i = i0 + u * blockDim.x;
+        if (i < cnt) ks[(i / D) * S + i % D] = halfBits(v[u]);
+      }
+    }
     __syncthreads();
-  }
-  const uint16_t* hk = a.host + size_t(h) * a.D * M;
-  for (uint32_t base = m0; base < m1; base += blockDim.x) {
-    const uint32_t m = base + threadIdx.x;
-    const bool live = m < m1;
-    if (live)
-      for (uint32_t g = 0; g < a.G; ++g) a.scores[size_t(h * a.G + g) * a.T + a.sinks + m] = kMaskedScore;
-    if (!select) continue;
-    double acc = 0.0;
-    if (live && C <= kUnrolledChannels) {  // all channel loads in flight, then the CPU's sum order
-      uint16_t v[kUnrolledChannels];
-#pragma unroll
-      for (uint32_t i = 0; i < kUnrolledChannels; ++i) v[i] = i < C ? __ldg(hk + size_t(ch[i]) * M + m) : uint16_t(0);
-#pragma unroll
-      for (uint32_t i = 0; i < kUnrolledChannels; ++i)
-        if (i < C) acc = __dadd_rn(acc, __dmul_rn(qsel[i], double(halfBits(v[i]))));
-    } else if (live) {
-      for (uint32_t i = 0; i < C; ++i) acc = __dadd_rn(acc, __dmul_rn(qsel[i], double(halfBits(hk[size_t(ch[i]) * M + m]))));
-    }
-    const uint64_t key = orderedKey(acc);
-    if (live) a.keys[size_t(h) * M + m] = key;
-    warpHistAdd(hist, uint32_t(key >> 52), live);
-  }
-  if (!select) return;
-  __syncthreads();
-  for (uint32_t b = threadIdx.x; b < kBins; b += blockDim.x)
-    if (hist[b]) atomicAdd(&a.hist[size_t(h) * kBins + b], hist[b]);
-}
-
-/** grid (chunks, H): tokens above the boundary bin are selected, those in it become candidates. */
-__global__ void __launch_bounds__(kApproxThreads) candidateKernel(QkArgs a) {
-  __shared__ uint32_t hist[kBins], sWarp[32], sB[3];
-  const uint32_t h = blockIdx.y, M = a.M;
-#pragma unroll
-  for (uint32_t i = 0; i < kBins / kApproxThreads; ++i)
-    hist[i * kApproxThreads + threadIdx.x] = a.hist[size_t(h) * kBins + i * kApproxThreads + threadIdx.x];
-  __syncthreads();
-  blockBoundary(hist, a.k, sWarp, sB);
-  const uint32_t b1 = sB[0];
-  const uint32_t m0 = blockIdx.x * a.chunk, m1 = min(M, m0 + a.chunk);
-  for (uint32_t base = m0; base < m1; base += blockDim.x) {
-    const uint32_t m = base + threadIdx.x;
-    const bool live = m < m1;
-    const uint64_t key = live ? a.keys[size_t(h) * M + m] : 0;
-    const uint32_t d = uint32_t(key >> 52);
-    const bool above = live && d > b1, cand = live && d == b1;
-    const uint32_t ps = warpAppend(&a.counters[2 * h], above);
-    if (above) a.sel[size_t(h) * a.k + ps] = m;
-    const uint32_t pc = warpAppend(&a.counters[2 * h + 1], cand);
-    if (cand) {
-      a.candKey[0][size_t(h) * M + pc] = key;
-      a.candIdx[0][size_t(h) * M + pc] = m;
+    for (uint32_t p = threadIdx.x; p < rows * G; p += blockDim.x) {
+      const uint32_t lr = p % rows, g = p / rows;
+      const float* qg = qs + g * D;
+      const float* kr = ks + lr * S;
+      double acc = 0.0;
+      for (uint32_t d = 0; d < D; ++d) acc = __dadd_rn(acc, __dmul_rn(double(qg[d]), double(kr[d])));
+      const uint32_t token = list ? a.sinks + list[r0 + lr] : deviceTokenOf(first + r0 + lr, a.sinks, a.window, a.T);
+      a.scores[size_t(h * G + g) * a.T + token] = __double2float_rn(acc);
     }
   }
 }
 
-/** grid H, kSelectThreads: the remaining digits over the candidates; hands hist/counters back zeroed. */
-__global__ void __launch_bounds__(kSelectThreads) finalSelectKernel(QkArgs a) {
-  __shared__ uint32_t hist[kBins], sWarp[32], sB[3], sSel, sNext;
-  const uint32_t h = blockIdx.x, M = a.M;
-  const uint32_t above0 = a.counters[2 * h];
-  uint32_t n = a.counters[2 * h + 1], need = a.k - above0;
-  if (threadIdx.x == 0) sSel = above0, sNext = 0;
-  uint32_t* sel = a.sel + size_t(h) * a.k;
+/** kMaskedScore into row[m0..m1) of every query head of KV head h (16-byte stores where aligned). */
+__device__ inline void fillMasked(const QkArgs& a, uint32_t h, uint32_t m0, uint32_t m1) {
+  for (uint32_t g = 0; g < a.G; ++g) {
+    float* row = a.scores + size_t(h * a.G + g) * a.T + a.sinks;
+    uint32_t head = m0;
+    while (head < m1 && (reinterpret_cast<uintptr_t>(row + head) & 15u)) ++head;
+    const uint32_t vecEnd = head + (m1 - head) / 4 * 4;
+    const float4 f = make_float4(kMaskedScore, kMaskedScore, kMaskedScore, kMaskedScore);
+    for (uint32_t m = head + 4 * threadIdx.x; m < vecEnd; m += 4 * blockDim.x) *reinterpret_cast<float4*>(row + m) = f;
+    if (threadIdx.x < head - m0) row[m0 + threadIdx.x] = kMaskedScore;
+    if (threadIdx.x < m1 - vecEnd) row[vecEnd + threadIdx.x] = kMaskedScore;
+  }
+}
+
+/** Eight consecutive halves at p[0..8) (p 16-byte aligned when Vec), zeros past `valid`. */
+template <bool Vec>
+__device__ inline uint4 load8(const uint16_t* p, uint32_t valid) {
+  if constexpr (Vec) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (uint32_t j = 0; j < 4; ++j) {
+      const uint32_t lo = 2 * j < valid ? __ldg(p + 2 * j) : 0u, hi = 2 * j + 1 < valid ? __ldg(p + 2 * j + 1) : 0u;
+      w[j] = lo | (hi << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+__device__ inline uint16_t halfAt(const uint4& v, uint32_t j) {
+  const uint32_t w = j < 2 ? v.x : j < 4 ? v.y : j < 6 ? v.z : v.w;
+  return uint16_t(j & 1u ? w >> 16 : w & 0xFFFFu);
+}
+
+/**
+ * grid (devBlocks + chunks, H), kQkThreads: device-row exact scores; masks, approximate scores,
+ * their linear bins and histogram; the head's last block writes the boundary bin. Vec: M % 8 == 0
+ * and the host K 16-byte aligned (16-byte channel-row loads and bin stores).
+ */
+template <bool Vec>
+__global__ void __launch_bounds__(kQkThreads, 2) scoreKernel(QkArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ double sBound, sScale;
+  __shared__ uint32_t sWarp[32], sB[3];
+  __shared__ bool sLast;
+  const uint32_t h = blockIdx.y, D = a.D, M = a.M, C = a.channels < D ? a.channels : D;
+  if (blockIdx.x < a.devBlocks) {
+    const uint32_t r0 = blockIdx.x * exactRowsOf(D);
+    exactRows(a, h, nullptr, r0, min(exactRowsOf(D), a.devTokens - r0), reinterpret_cast<float*>(smem));
+    return;
+  }
+  const uint32_t m0 = (blockIdx.x - a.devBlocks) * a.chunk, m1 = min(M, m0 + a.chunk);
+  fillMasked(a, h, m0, m1);
+  if (a.k == 0) return;
+  double* qbar = reinterpret_cast<double*>(smem);
+  double* qsel = qbar + D;
+  uint32_t* hist = reinterpret_cast<uint32_t*>(qsel + D);  // max(kLinBins, D); the flags first
+  uint32_t* ch = hist + (D > kLinBins ? D : kLinBins);
+  chooseChannels(a, h, qbar, qsel, hist, ch);
+  if (threadIdx.x == 0) {
+    double b = 0.0;
+    for (uint32_t i = 0; i < C; ++i)
+      b = __dadd_rn(b, __dmul_rn(fabs(qsel[i]), double(halfBits(a.maxAbs[size_t(h) * D + ch[i]]))));
+    sBound = b, sScale = linScaleOf(b);
+  }
+  for (uint32_t b = threadIdx.x; b < kLinBins; b += blockDim.x) hist[b] = 0;
+  __syncthreads();
+  const double bound = sBound, scale = sScale;
+  const uint16_t* hk = a.host + size_t(h) * D * M;
+  uint16_t* binsOut = a.bins + size_t(h) * M;
+  for (uint32_t m = m0 + threadIdx.x * kTokensPerThread; m < m1; m += kTile) {
+    const uint32_t valid = min(kTokensPerThread, m1 - m);
+    double acc[kTokensPerThread];
+#pragma unroll
+    for (uint32_t j = 0; j < kTokensPerThread; ++j) acc[j] = 0.0;
+    for (uint32_t i0 = 0; i0 < C; i0 += kBatchChannels) {  // a batch's loads in flight, then the CPU's order
+      uint4 v[kBatchChannels];
+#pragma unroll
+      for (uint32_t i = 0; i < kBatchChannels; ++i)
+        if (i0 + i < C) v[i] = load8<Vec>(hk + size_t(ch[i0 + i]) * M + m, valid);
+#pragma unroll
+      for (uint32_t i = 0; i < kBatchChannels; ++i)
+        if (i0 + i < C) {
+          const double qv = qsel[i0 + i];
+#pragma unroll
+          for (uint32_t j = 0; j < kTokensPerThread; ++j)
+            acc[j] = __dadd_rn(acc[j], __dmul_rn(qv, double(halfBits(halfAt(v[i], j)))));
+        }
+    }
+    uint32_t w[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (uint32_t j = 0; j < kTokensPerThread; ++j) {
+      const uint32_t b = linBinOf(acc[j], bound, scale);
+      if (j < valid) atomicAdd(&hist[b], 1u);
+      w[j / 2] |= b << (16 * (j & 1));
+    }
+    if constexpr (Vec) {
+      *reinterpret_cast<uint4*>(binsOut + m) = make_uint4(w[0], w[1], w[2], w[3]);
+    } else {
+      for (uint32_t j = 0; j < valid; ++j) binsOut[m + j] = uint16_t(w[j / 2] >> (16 * (j & 1)));
+    }
+  }
+  __syncthreads();
+  uint32_t* gHist = a.hist + size_t(h) * kLinBins;
+  for (uint32_t b = threadIdx.x; b < kLinBins; b += blockDim.x)
+    if (hist[b]) atomicAdd(&gHist[b], hist[b]);
+  if (!lastBlockDone(&a.counters[4 * h], a.chunks, &sLast)) return;
+  for (uint32_t b = threadIdx.x; b < kLinBins; b += blockDim.x) hist[b] = __ldcg(&gHist[b]), gHist[b] = 0;
+  for (uint32_t i = threadIdx.x; i < C; i += blockDim.x) a.chans[size_t(h) * D + i] = ch[i], a.qsel[size_t(h) * D + i] = qsel[i];
+  __syncthreads();
+  int32_t* out = a.bound + 4 * h;
+  if (a.k >= M) {  // every offloaded token is selected
+    if (threadIdx.x == 0) out[0] = -1, out[1] = int32_t(M), out[2] = 0;
+  } else {
+    blockBoundary(hist, kLinBins, a.k, sWarp, sB);
+    if (threadIdx.x == 0) out[0] = int32_t(sB[0]), out[1] = int32_t(sB[1]), out[2] = int32_t(sB[2]);
+  }
+  if (threadIdx.x == 0) out[3] = int32_t(C), a.counters[4 * h] = 0;
+}
+
+/**
+ * The remaining digits of a 96-bit radix select over n candidates (candKey/candIdx[0] of head h),
+ * `need` of them into out[0..need). For the rare case of many tied or near-tied boundary scores.
+ */
+__device__ void radixSelect(const QkArgs& a, uint32_t h, uint32_t n, uint32_t need, uint32_t* out, uint32_t* hist) {
+  __shared__ uint32_t sWarp[32], sB[3], sSel, sNext;
+  const uint32_t M = a.M;
+  if (threadIdx.x == 0) sSel = 0, sNext = 0;
   int src = 0;
   __syncthreads();
-  for (uint32_t j = 1;; ++j) {
+  for (uint32_t j = 0;; ++j) {
     const uint64_t* key = a.candKey[src] + size_t(h) * M;
     const uint32_t* idx = a.candIdx[src] + size_t(h) * M;
     if (need == n || j >= kDigits) {  // every remaining candidate is selected
       const uint32_t at = sSel;
-      for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) sel[at + i] = idx[i];
+      for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) out[at + i] = __ldcg(idx + i);
       break;
     }
     for (uint32_t b = threadIdx.x; b < kBins; b += blockDim.x) hist[b] = 0;
@@ -307,87 +503,107 @@ __global__ void __launch_bounds__(kSelectThreads) finalSelectKernel(QkArgs a) {
     for (uint32_t base = 0; base < n; base += blockDim.x) {
       const uint32_t i = base + threadIdx.x;
       const bool live = i < n;
-      warpHistAdd(hist, live ? digitOf(key[i], idx[i], j) : 0, live);
+      warpHistAdd(hist, live ? digitOf(__ldcg(key + i), __ldcg(idx + i), j) : 0, live);
     }
     __syncthreads();
-    blockBoundary(hist, need, sWarp, sB);
+    blockBoundary(hist, kBins, need, sWarp, sB);
     const uint32_t b = sB[0];
     uint64_t* dstKey = a.candKey[src ^ 1] + size_t(h) * M;
     uint32_t* dstIdx = a.candIdx[src ^ 1] + size_t(h) * M;
     for (uint32_t base = 0; base < n; base += blockDim.x) {
       const uint32_t i = base + threadIdx.x;
       const bool live = i < n;
-      const uint32_t d = live ? digitOf(key[i], idx[i], j) : 0;
+      const uint64_t k = live ? __ldcg(key + i) : 0;
+      const uint32_t x = live ? __ldcg(idx + i) : 0;
+      const uint32_t d = live ? digitOf(k, x, j) : 0;
       const bool up = live && d > b, same = live && d == b;
       const uint32_t ps = warpAppend(&sSel, up);
-      if (up) sel[ps] = idx[i];
+      if (up) out[ps] = x;
       const uint32_t pn = warpAppend(&sNext, same);
-      if (same) dstKey[pn] = key[i], dstIdx[pn] = idx[i];
+      if (same) dstKey[pn] = k, dstIdx[pn] = x;
     }
     need -= sB[1];
     n = sB[2];
     src ^= 1;
+    __threadfence_block();
     __syncthreads();
     if (threadIdx.x == 0) sNext = 0;
     __syncthreads();
   }
-  for (uint32_t b = threadIdx.x; b < kBins; b += blockDim.x) a.hist[size_t(h) * kBins + b] = 0;
-  if (threadIdx.x == 0) a.counters[2 * h] = 0, a.counters[2 * h + 1] = 0;
-}
-
-/** Rows per exactKernel block, and its dynamic shared memory (q, the rows, their tokens). */
-__host__ __device__ inline uint32_t exactRowsOf(uint32_t D) { return D >= 4096 ? 1 : (4096 / D < 32 ? 4096 / D : 32); }
-__host__ __device__ inline size_t exactSmemOf(uint32_t D, uint32_t G) {
-  return size_t(G) * D * 4 + size_t(exactRowsOf(D)) * (D + 1) * 4 + exactRowsOf(D) * 8;
+  __syncthreads();
 }
 
 /**
- * grid (rows/exactRowsOf(D), H): exact scores of the device rows and the selected rows. The rows
- * are staged in shared memory with all loads in flight (a selected key is D scattered halves of
- * the channel-major host K), then one thread per (row, query head) sums q·k in double in channel
- * order: cpu.cpp's sum, bit for bit.
+ * grid (selChunks, H), kQkThreads: tokens above the boundary bin get their exact scores here,
+ * boundary-bin tokens become candidates; the head's last block selects the winners among them and
+ * scores those, and hands the counters back zeroed.
  */
-__global__ void __launch_bounds__(kExactThreads) exactKernel(QkArgs a) {
+template <bool Vec>
+__global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const uint32_t h = blockIdx.y, D = a.D, G = a.G, R = exactRowsOf(D), S = D + 1;
-  float* qs = reinterpret_cast<float*>(smem);  // [G][D]
-  float* ks = qs + G * D;                      // [R][D+1]
-  uint32_t* sTok = reinterpret_cast<uint32_t*>(ks + R * S);
-  uint32_t* sSrc = sTok + R;  // device row, or offloaded token m
-  const uint32_t r0 = blockIdx.x * R, total = a.devTokens + a.k;
-  const uint32_t rows = total - r0 < R ? total - r0 : R;
-  for (uint32_t i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = __half2float(a.q[size_t(h) * G * D + i]);
-  for (uint32_t lr = threadIdx.x; lr < rows; lr += blockDim.x) {
-    const uint32_t r = r0 + lr;
-    if (r < a.devTokens) sSrc[lr] = r, sTok[lr] = deviceTokenOf(r, a.sinks, a.window, a.T);
-    else sSrc[lr] = a.sel[size_t(h) * a.k + (r - a.devTokens)], sTok[lr] = a.sinks + sSrc[lr];
+  __shared__ uint32_t sCount;
+  __shared__ bool sLast;
+  const uint32_t h = blockIdx.y, D = a.D, M = a.M;
+  uint32_t* list = reinterpret_cast<uint32_t*>(smem);  // [selChunk]: this block's selected tokens
+  unsigned char* work = smem + (size_t(a.selChunk) * 4 + 15) / 16 * 16;
+  const int32_t* bd = a.bound + 4 * h;
+  const int32_t boundary = bd[0];
+  const uint32_t above = uint32_t(bd[1]), C = uint32_t(bd[3]);
+  const uint32_t* chans = a.chans + size_t(h) * D;
+  const double* qsel = a.qsel + size_t(h) * D;
+  if (threadIdx.x == 0) sCount = 0;
+  __syncthreads();
+  const uint32_t m0 = blockIdx.x * a.selChunk, m1 = min(M, m0 + a.selChunk);
+  const uint16_t* binsIn = a.bins + size_t(h) * M;
+  for (uint32_t m = m0 + threadIdx.x * kTokensPerThread; m < m1; m += kTile) {
+    const uint32_t valid = min(kTokensPerThread, m1 - m);
+    const uint4 v = load8<Vec>(binsIn + m, valid);
+#pragma unroll
+    for (uint32_t j = 0; j < kTokensPerThread; ++j) {
+      const int32_t b = int32_t(halfAt(v, j));
+      if (j >= valid) continue;
+      if (b > boundary) {
+        list[atomicAdd(&sCount, 1u)] = m + j;
+      } else if (b == boundary) {  // rare: recompute the approximate score for its full key
+        double acc = 0.0;
+        for (uint32_t i = 0; i < C; ++i)
+          acc = __dadd_rn(acc, __dmul_rn(qsel[i], double(halfBits(a.host[(size_t(h) * D + chans[i]) * M + m + j]))));
+        const uint32_t slot = atomicAdd(&a.counters[4 * h + 2], 1u);
+        a.candKey[0][size_t(h) * M + slot] = orderedKey(acc);
+        a.candIdx[0][size_t(h) * M + slot] = m + j;
+      }
+    }
   }
   __syncthreads();
-  const uint32_t n = rows * D;
-  for (uint32_t i0 = threadIdx.x; i0 < n; i0 += 8 * kExactThreads) {
-    uint16_t v[8];
-#pragma unroll
-    for (uint32_t u = 0; u < 8; ++u) {
-      const uint32_t i = i0 + u * kExactThreads, lr = i / D, d = i % D;
-      v[u] = 0;
-      if (i < n)
-        v[u] = r0 + lr < a.devTokens ? __ldg(a.dev + (size_t(h) * a.devTokens + sSrc[lr]) * D + d)
-                                     : __ldg(a.host + (size_t(h) * D + d) * a.M + sSrc[lr]);
+  exactRows(a, h, list, 0, sCount, reinterpret_cast<float*>(work));
+  if (!lastBlockDone(&a.counters[4 * h + 1], a.selChunks, &sLast)) return;
+  const uint32_t need = a.k - above, n = __ldcg(&a.counters[4 * h + 2]);
+  uint32_t* winners = a.sel + size_t(h) * a.k;
+  const uint32_t* chosen = winners;
+  if (need > 0 && need == n) {
+    chosen = a.candIdx[0] + size_t(h) * M;
+  } else if (need > 0 && n <= kRankMax) {
+    __syncthreads();
+    uint64_t* ck = reinterpret_cast<uint64_t*>(work);
+    uint32_t* ci = reinterpret_cast<uint32_t*>(ck + kRankMax);
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x)
+      ck[i] = __ldcg(a.candKey[0] + size_t(h) * M + i), ci[i] = __ldcg(a.candIdx[0] + size_t(h) * M + i);
+    if (threadIdx.x == 0) sCount = 0;
+    __syncthreads();
+    if (threadIdx.x < n) {
+      const uint64_t key = ck[threadIdx.x];
+      const uint32_t idx = ci[threadIdx.x];
+      uint32_t rank = 0;
+      for (uint32_t j = 0; j < n; ++j) rank += ranksBefore(ck[j], ci[j], key, idx) ? 1u : 0u;
+      if (rank < need) winners[atomicAdd(&sCount, 1u)] = idx;
     }
-#pragma unroll
-    for (uint32_t u = 0; u < 8; ++u) {
-      const uint32_t i = i0 + u * kExactThreads;
-      if (i < n) ks[(i / D) * S + i % D] = halfBits(v[u]);
-    }
+  } else if (need > 0) {
+    __syncthreads();
+    radixSelect(a, h, n, need, winners, reinterpret_cast<uint32_t*>(work));
   }
-  __syncthreads();
-  for (uint32_t p = threadIdx.x; p < R * G; p += blockDim.x) {
-    const uint32_t lr = p % R, g = p / R;
-    if (lr >= rows) continue;
-    double acc = 0.0;
-    for (uint32_t d = 0; d < D; ++d) acc = __dadd_rn(acc, __dmul_rn(double(qs[g * D + d]), double(ks[lr * S + d])));
-    a.scores[size_t(h * G + g) * a.T + sTok[lr]] = __double2float_rn(acc);
-  }
+  __syncthreads();  // the winners are written (global, this block)
+  exactRows(a, h, chosen, 0, need, reinterpret_cast<float*>(work));
+  if (threadIdx.x == 0) a.counters[4 * h + 1] = 0, a.counters[4 * h + 2] = 0;
 }
 
 // ---- p·V ------------------------------------------------------------------------------------
@@ -529,6 +745,62 @@ __global__ void encodeRowsKernel(EncodeArgs a) {
       else d = uint32_t(f % a.D), m = uint32_t(f / a.D % a.M), h = uint32_t(f / a.D / a.M);
       a.host[f] = toHalfChecked(a.x[(size_t(h) * a.T + a.sinks + m) * a.D + d], a.bad);
     }
+  }
+}
+
+/** Tokens per encodeKeyKernel tile: 64 at head_dim <= 128 (16 KB of halves), fewer above. */
+__host__ __device__ inline uint32_t keyTileOf(uint32_t D) { return D <= 128 ? 64 : (8192 / D < 8 ? 8 : 8192 / D); }
+__host__ __device__ inline size_t keyTileSmemOf(uint32_t D) { return size_t(keyTileOf(D)) * (D + 2) * 2 + size_t(D) * 4; }
+
+/**
+ * grid (ceil(T/tile), H), 256 threads, K only (D even): a tile of K rows read coalesced, checked
+ * and rounded to fp16 into shared memory, written as device rows (token-major) and host rows
+ * (channel-major: consecutive tokens per warp, so the writes coalesce too); max|K| per channel of
+ * the tile, rounded up, merged into maxAbs (zeroed before) by a 32-bit CAS per channel pair. Rounding
+ * up is monotone, so the max of the rounded tile maxima is cpu.cpp's floatToHalfUp(max |x|), and
+ * non-negative fp16 bit patterns order as integers. Replaces encodeRowsKernel's strided K reads
+ * and the one-block-per-head maxAbsKernel.
+ */
+__global__ void __launch_bounds__(256) encodeKeyKernel(EncodeArgs a) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t D = a.D, P = D + 2, tile = keyTileOf(D);
+  uint16_t* rows = reinterpret_cast<uint16_t*>(smem);                  // [tile][P]
+  uint32_t* colMax = reinterpret_cast<uint32_t*>(rows + size_t(tile) * P);  // [D] f32 bits of max |x|
+  const uint32_t h = blockIdx.y, t0 = blockIdx.x * tile, n = min(tile, a.T - t0);
+  for (uint32_t d = threadIdx.x; d < D; d += blockDim.x) colMax[d] = 0;
+  __syncthreads();
+  const float* xh = a.x + (size_t(h) * a.T + t0) * D;
+  for (uint32_t i = threadIdx.x; i < n * D; i += blockDim.x) {
+    const float v = __ldg(xh + i);
+    const uint32_t t = i / D, d = i % D;
+    rows[t * P + d] = toHalfChecked(v, a.bad);
+    atomicMax(&colMax[d], __float_as_uint(fabsf(v)));
+  }
+  __syncthreads();
+  for (uint32_t p = threadIdx.x; p < D / 2; p += blockDim.x) {
+    const uint32_t lo = __half_as_ushort(__float2half_ru(__uint_as_float(colMax[2 * p])));
+    const uint32_t hi = __half_as_ushort(__float2half_ru(__uint_as_float(colMax[2 * p + 1])));
+    uint32_t* w = reinterpret_cast<uint32_t*>(a.maxAbs + size_t(h) * D) + p;
+    uint32_t old = atomicAdd(w, 0u), seen;
+    do {
+      seen = old;
+      const uint32_t want = max(seen & 0xFFFFu, lo) | (max(seen >> 16, hi) << 16);
+      if (want == seen) break;
+      old = atomicCAS(w, seen, want);
+    } while (old != seen);
+  }
+  const uint32_t winStart = a.T - a.window;
+  for (uint32_t i = threadIdx.x; i < n * D; i += blockDim.x) {  // device rows, token-major
+    const uint32_t t = t0 + i / D, d = i % D;
+    if (t < a.sinks) a.dev[(size_t(h) * a.devTokens + t) * D + d] = rows[(i / D) * P + d];
+    else if (t >= winStart) a.dev[(size_t(h) * a.devTokens + a.sinks + (t - winStart)) * D + d] = rows[(i / D) * P + d];
+  }
+  const uint32_t hs = max(t0, a.sinks), he = min(t0 + n, winStart);
+  if (hs >= he) return;
+  const uint32_t nh = he - hs;
+  for (uint32_t i = threadIdx.x; i < nh * D; i += blockDim.x) {  // host rows, channel-major
+    const uint32_t tt = i % nh, d = i / nh;
+    a.host[(size_t(h) * D + d) * a.M + (hs - a.sinks) + tt] = rows[(hs - t0 + tt) * P + d];
   }
 }
 

@@ -1,8 +1,11 @@
-// Host emulation of TailorKV mode=s q·Kᵀ on the GPU (kernels/tailorkv/cuda_sparse.cuh): the four
-// kernels' phases run as loops over blocks and thread ids with the same __host__ __device__
-// helpers (orderedKey, digitOf, binsSum, findBoundary), and the scores must equal cpu.cpp's bit for
-// bit (the selection exactly). Cases: bench-like data, ties (zero query, quantized keys), budget >=
-// offloaded tokens, channels = head_dim, tiny shapes.
+// Host emulation of TailorKV mode=s q·Kᵀ on the GPU (kernels/tailorkv/cuda_sparse.cuh): the two
+// kernels' phases (scoreKernel: approximate scores, linear bins, histogram, boundary; selectKernel:
+// tokens above the boundary, candidates, the last block's rank or radix select, exact scores) run as
+// loops over blocks and thread ids with the same __host__ __device__ helpers (orderedKey, linBinOf,
+// ranksBefore, digitOf, binsSum, findBoundary), and the scores must equal cpu.cpp's bit for bit
+// (the selection exactly). Cases: bench-like data, ties (zero query, quantized keys: the radix
+// fallback), budget >= offloaded tokens, channels = head_dim, tiny shapes; each case prints how
+// many KV heads took the rank, all-candidates and radix paths.
 //
 //   nvcc -std=c++17 -O2 -x cu -Ikernels -c kernels/tools/tailorkv_sparse_emu.cpp -o /tmp/emu.o && nvcc /tmp/emu.o \
 //        build-h4/CMakeFiles/packkv_codecs.dir/kernels/{registry.cpp.o,fp16/cpu.cpp.o,kivi/cpu.cpp.o,tailorkv/cpu.cpp.o} \
@@ -24,34 +27,26 @@ namespace sp = packkv::tailorkv::sparse;
 
 namespace {
 
-/** The radix select of candidateKernel + finalSelectKernel over keys[0..M), k of them. */
-std::vector<uint32_t> emulateSelect(const std::vector<uint64_t>& keys, uint32_t k, uint32_t chunk) {
-  const uint32_t M = uint32_t(keys.size());
-  std::vector<uint32_t> hist(sp::kBins, 0), sel;
-  for (uint32_t m = 0; m < M; ++m) hist[keys[m] >> 52]++;  // approxKernel's histogram
-  // candidateKernel: every block computes the boundary with 256 threads.
-  auto boundary = [&](const std::vector<uint32_t>& h, uint32_t need, uint32_t threads, uint32_t out[3]) {
-    const uint32_t per = sp::kBins / threads;
-    uint32_t before = 0, found = 0;
-    for (uint32_t t = 0; t < threads; ++t) {  // exclusive scan, then each thread's search
-      found += sp::findBoundary(h.data(), t, per, before, need, out) ? 1 : 0;
-      before += sp::binsSum(h.data(), t, per);
-    }
-    if (found != 1) std::printf("  boundary found by %u threads (need %u)\n", found, need), std::exit(1);
-  };
-  uint32_t b[3];
-  boundary(hist, k, sp::kApproxThreads, b);
-  std::vector<uint64_t> ck;
-  std::vector<uint32_t> ci;
-  for (uint32_t c0 = 0; c0 < M; c0 += chunk)  // blocks in any order: appends are unordered anyway
-    for (uint32_t m = c0; m < std::min(M, c0 + chunk); ++m) {
-      const uint32_t d = uint32_t(keys[m] >> 52);
-      if (d > b[0]) sel.push_back(m);
-      else if (d == b[0]) ck.push_back(keys[m]), ci.push_back(m);
-    }
-  if (sel.size() != b[1] || ck.size() != b[2]) std::printf("  K2 counts differ\n"), std::exit(1);
-  uint32_t need = k - b[1], n = uint32_t(ck.size());
-  for (uint32_t j = 1;; ++j) {
+struct PathCounts {
+  uint32_t rank = 0, all = 0, radix = 0, none = 0;
+};
+
+/** Boundary bin of hist (bins bins) for need, as a block of `threads` threads finds it. */
+void boundaryOf(const std::vector<uint32_t>& h, uint32_t bins, uint32_t need, uint32_t threads, uint32_t out[3]) {
+  const uint32_t per = bins / threads;
+  uint32_t before = 0, found = 0;
+  for (uint32_t t = 0; t < threads; ++t) {  // exclusive scan, then each thread's search
+    found += sp::findBoundary(h.data(), bins, t, per, before, need, out) ? 1 : 0;
+    before += sp::binsSum(h.data(), bins, t, per);
+  }
+  if (found != 1) std::printf("  boundary found by %u threads (need %u)\n", found, need), std::exit(1);
+}
+
+/** radixSelect over the candidates (ck, ci), need of them, from digit 0. */
+std::vector<uint32_t> emulateRadix(std::vector<uint64_t> ck, std::vector<uint32_t> ci, uint32_t need) {
+  std::vector<uint32_t> hist(sp::kBins), sel;
+  uint32_t n = uint32_t(ck.size()), b[3];
+  for (uint32_t j = 0;; ++j) {
     if (need == n || j >= sp::kDigits) {
       if (need != n) std::printf("  ran out of digits: need %u of %u\n", need, n), std::exit(1);
       sel.insert(sel.end(), ci.begin(), ci.end());
@@ -59,7 +54,7 @@ std::vector<uint32_t> emulateSelect(const std::vector<uint64_t>& keys, uint32_t 
     }
     std::fill(hist.begin(), hist.end(), 0);
     for (uint32_t i = 0; i < n; ++i) hist[sp::digitOf(ck[i], ci[i], j)]++;
-    boundary(hist, need, sp::kSelectThreads, b);
+    boundaryOf(hist, sp::kBins, need, sp::kQkThreads, b);
     std::vector<uint64_t> nk;
     std::vector<uint32_t> ni;
     for (uint32_t i = n; i-- > 0;) {  // reverse order: the GPU's append order is arbitrary
@@ -71,12 +66,56 @@ std::vector<uint32_t> emulateSelect(const std::vector<uint64_t>& keys, uint32_t 
     if (nk.size() != n) std::printf("  pass %u: %zu next, want %u\n", j, nk.size(), n), std::exit(1);
     ck.swap(nk), ci.swap(ni);
   }
+  return sel;
+}
+
+/** scoreKernel's bins + boundary and selectKernel's selection over the scores of one KV head. */
+std::vector<uint32_t> emulateSelect(const std::vector<double>& approx, double bound, uint32_t k, uint32_t selChunk,
+                                    PathCounts& paths) {
+  const uint32_t M = uint32_t(approx.size());
+  const double scale = sp::linScaleOf(bound);
+  std::vector<uint32_t> hist(sp::kLinBins, 0), bins(M), sel;
+  for (uint32_t m = 0; m < M; ++m) hist[bins[m] = sp::linBinOf(approx[m], bound, scale)]++;
+  int32_t boundary = -1;
+  uint32_t above = M, count = 0, b[3];
+  if (k < M) {
+    boundaryOf(hist, sp::kLinBins, k, sp::kQkThreads, b);
+    boundary = int32_t(b[0]), above = b[1], count = b[2];
+  }
+  std::vector<uint64_t> ck;
+  std::vector<uint32_t> ci;
+  for (uint32_t c0 = M; c0 > 0;) {  // select blocks in reverse: the candidates' order is arbitrary
+    c0 = c0 > selChunk ? (c0 - 1) / selChunk * selChunk : 0;
+    for (uint32_t m = c0; m < std::min(M, c0 + selChunk); ++m) {
+      if (int32_t(bins[m]) > boundary) sel.push_back(m);
+      else if (int32_t(bins[m]) == boundary) ck.push_back(sp::orderedKey(approx[m])), ci.push_back(m);
+    }
+  }
+  if (sel.size() != above || ck.size() != count) std::printf("  select counts differ\n"), std::exit(1);
+  const uint32_t need = k - above, n = uint32_t(ck.size());
+  if (need == 0) {
+    paths.none++;
+  } else if (need == n) {
+    paths.all++;
+    sel.insert(sel.end(), ci.begin(), ci.end());
+  } else if (n <= sp::kRankMax) {
+    paths.rank++;
+    for (uint32_t t = 0; t < n; ++t) {  // thread t
+      uint32_t rank = 0;
+      for (uint32_t j = 0; j < n; ++j) rank += sp::ranksBefore(ck[j], ci[j], ck[t], ci[t]) ? 1 : 0;
+      if (rank < need) sel.push_back(ci[t]);
+    }
+  } else {
+    paths.radix++;
+    std::vector<uint32_t> w = emulateRadix(ck, ci, need);
+    sel.insert(sel.end(), w.begin(), w.end());
+  }
   if (sel.size() != k) std::printf("  selected %zu, want %u\n", sel.size(), k), std::exit(1);
   return sel;
 }
 
-/** approxKernel + the selection + exactKernel for one query step, as the GPU computes them. */
-std::vector<float> emulateQk(const StreamView& s, const std::vector<float>& q, uint32_t qHeads) {
+/** scoreKernel + selectKernel for one query step, as the GPU computes them. */
+std::vector<float> emulateQk(const StreamView& s, const std::vector<float>& q, uint32_t qHeads, PathCounts& paths) {
   const Shape& sh = s.header.shape;
   const tailorkv::SparseLayout l = tailorkv::sparseLayoutOf(sh, TensorKind::Key, uint32_t(s.params.integer("sinks")),
                                                             uint32_t(s.params.integer("window")));
@@ -103,14 +142,17 @@ std::vector<float> emulateQk(const StreamView& s, const std::vector<float>& q, u
       if (rank < C) ch.push_back(d);
     }
     for (uint32_t i = 0; i < C; ++i) qsel[i] = qbar[ch[i]];
-    std::vector<uint64_t> keys(M);
+    double bound = 0.0;  // scoreKernel's thread 0
+    for (uint32_t i = 0; i < C; ++i)
+      bound = sp::addRn(bound, sp::mulRn(std::fabs(qsel[i]), double(halfToFloat(maxAbs[size_t(h) * D + ch[i]]))));
+    std::vector<double> approx(M);
     for (uint32_t m = 0; m < M; ++m) {
       for (uint32_t g = 0; g < G; ++g) scores[size_t(h * G + g) * T + l.sinks + m] = tailorkv::kMaskedScore;
       double acc = 0.0;
       for (uint32_t i = 0; i < C; ++i) acc += qsel[i] * double(halfToFloat(host[(size_t(h) * D + ch[i]) * M + m]));
-      keys[m] = sp::orderedKey(acc);
+      approx[m] = acc;
     }
-    std::vector<uint32_t> sel = k ? emulateSelect(keys, k, 2048) : std::vector<uint32_t>{};
+    std::vector<uint32_t> sel = k ? emulateSelect(approx, bound, k, sp::selectChunkOf(M, k, D), paths) : std::vector<uint32_t>{};
     for (uint32_t r = 0; r < l.deviceTokens + k; ++r) {
       for (uint32_t g = 0; g < G; ++g) {
         double acc = 0.0;
@@ -147,11 +189,13 @@ bool runCase(const char* name, const std::string& spec, Shape sh, uint32_t qHead
   StreamView v = openStream(stream.data(), stream.size());
   std::vector<float> ref(size_t(qHeads) * sh.tokens);
   qkStream(v, q.data(), qHeads, 1, ref.data());
-  std::vector<float> got = emulateQk(v, q, qHeads);
+  PathCounts paths;
+  std::vector<float> got = emulateQk(v, q, qHeads, paths);
   size_t bad = 0;
   for (size_t i = 0; i < ref.size(); ++i) bad += std::memcmp(&ref[i], &got[i], 4) != 0;
-  std::printf("  %-22s %-58s T=%-6u %2u/%u heads D=%-3u  %s (%zu differ)\n", name, spec.c_str(), sh.tokens, qHeads,
-              sh.heads, sh.dim, bad ? "FAIL" : "bit-identical", bad);
+  std::printf("  %-20s %-58s T=%-6u %2u/%u heads D=%-3u  %s (%zu differ)  heads: rank %u, all %u, radix %u, none %u\n",
+              name, spec.c_str(), sh.tokens, qHeads, sh.heads, sh.dim, bad ? "FAIL" : "bit-identical", bad, paths.rank,
+              paths.all, paths.radix, paths.none);
   return bad == 0;
 }
 
