@@ -62,14 +62,30 @@ bool mmaAllowed() {
 template <int B, int NR>
 void launchQk(kivi::QkArgs a, int heads, cudaStream_t st) {
   const int residualBlocks = (a.Trem + kivi::kQkThreads / 32 - 1) / (kivi::kQkThreads / 32);
-  // Tensor cores for head_dim 64 or 128, 32-token tiles inside one scale group, aligned sections.
-  if ((a.D == 64 || a.D == 128) && a.G % 32 == 0 && a.vecIn && mmaAllowed()) {
-    a.chunkBlocks = (a.Tq / 32 + kivi::kMmaQkWarps - 1) / kivi::kMmaQkWarps;  // one 32-token tile per warp
+  // Tensor cores for head_dim 64 or 128, 32-token tiles inside one scale group, 16-byte aligned
+  // sections (cp.async).
+  if ((a.D == 64 || a.D == 128) && a.G % 32 == 0 && a.vecIn && aligned(a.codes, 16) && aligned(a.scales, 16) &&
+      aligned(a.mins, 16) && mmaAllowed()) {
+    // At 4 and 8 bits a tile's loads dominate: one tile per warp (one ring stage) measured faster
+    // (4-bit 128k: 40.3 us one per warp, 42.8 us persistent), so only 1 and 2 bits walk tiles.
+    a.ringStages = B <= 2 ? 2 : 1;
+    const size_t smem = kivi::qkMmaSmemBytes(NR, a.D, B, a.ringStages);
+    auto kernel = a.D == 64 ? kivi::qkMmaKernel<B, NR, 4> : kivi::qkMmaKernel<B, NR, 8>;
+    // Persistent warps: one wave of resident blocks over all heads, each warp walking tiles.
+    static int perSmOf[2] = {0, 0};  // [head_dim 64, 128]: resident blocks, found once
+    int& perSm = perSmOf[a.D == 128];
+    if (perSm == 0) {
+      if (smem > 48 * 1024)
+        PACKKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      int n = 0;
+      PACKKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kivi::kQkThreads, smem));
+      perSm = std::max(1, n);
+    }
+    const int tileBlocks = (a.Tq / 32 + kivi::kMmaQkWarps - 1) / kivi::kMmaQkWarps;
+    a.chunkBlocks = B <= 2 ? std::min(tileBlocks, std::max(1, perSm * gpu::multiprocessors() / heads)) : tileBlocks;
     dim3 grid(a.chunkBlocks + residualBlocks, heads);
     if (grid.x == 0) return;
-    const size_t smem = kivi::qkMmaSmemBytes(NR, a.D);
-    if (a.D == 64) kivi::qkMmaKernel<B, NR, 4><<<grid, kivi::kQkThreads, smem, st>>>(a);
-    else kivi::qkMmaKernel<B, NR, 8><<<grid, kivi::kQkThreads, smem, st>>>(a);
+    kernel<<<grid, kivi::kQkThreads, smem, st>>>(a);
     PACKKV_LAUNCH_CHECK();
     return;
   }
@@ -146,19 +162,22 @@ uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) { return la
 
 constexpr size_t kFlagBytes = 256;  // encode's error flag, then the p·V counters, then partials
 
-/** p·V splits: about four blocks per multiprocessor over all heads, 128-token multiples. */
 /** PACKKV_KIVI_PV_PIPE=0 turns the cp.async pipeline of the tensor-core p·V off (to compare). */
 bool pvPipeAllowed() {
   const char* v = std::getenv("PACKKV_KIVI_PV_PIPE");
   return !(v && std::strcmp(v, "0") == 0);
 }
 
+/** p·V splits, 128-token multiples: one wave of the tensor-core kernel's resident blocks over all
+ *  heads, a block per head left for the fp16 residual (was four blocks per multiprocessor, two
+ *  waves at 2 resident; fewer splits also shorten the last block's pass over the partials). */
 void pvSplits(const Layout& l, uint32_t heads, int* splits, int* splitTokens) {
   if (l.quantTokens == 0) {
     *splits = 0, *splitTokens = 128;
     return;
   }
-  const int maxSplits = std::max(1, (4 * gpu::multiprocessors() + int(heads) - 1) / int(heads));
+  const int resident = kivi::pvMmaBlocksPerSm(int(l.bits)) * gpu::multiprocessors();
+  const int maxSplits = std::max(1, resident / int(heads) - (l.residualTokens > 0 ? 1 : 0));
   const int steps = int((l.quantTokens + 127) / 128);
   const int want = std::min(maxSplits, steps);
   *splitTokens = (steps + want - 1) / want * 128;
