@@ -336,6 +336,56 @@ __global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
 // ---- p·V: one warp per pack group; grid (splits, KV heads), partials reduced by the last block ----
 
 /**
+ * The end of every p·V kernel version (all threads, after the barrier that completes the warps'
+ * sums in sAcc [kWarps][NR][D]): the block's partial sums in warp order into its slot of the
+ * workspace, then the head's last block adds the partials in split order (deterministic) and
+ * resets the head's counter for the next launch. sLast is the kernel's __shared__ flag.
+ */
+template <int NR>
+__device__ __forceinline__ void pvFinish(const Args& a, const float* sAcc, int D, int h, bool& sLast) {
+  float* dst = a.partial + (size_t(h) * a.splits + blockIdx.x) * NR * D;
+  for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += sAcc[w * NR * D + idx];
+    dst[idx] = sum;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == unsigned(a.splits - 1);
+  __syncthreads();
+  if (!sLast) return;
+  __threadfence();
+  const float* part = a.partial + size_t(h) * a.splits * NR * D;
+  for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
+    float sum = 0.f;
+    for (int sp = 0; sp < a.splits; ++sp) sum += __ldcg(part + size_t(sp) * NR * D + idx);
+    a.out[size_t(h) * NR * D + idx] = sum;
+  }
+  if (threadIdx.x == 0) a.counters[h] = 0;
+}
+
+/** The recent fp16 tokens into the warps' accumulators (acc = this warp's [NR][D]): a warp per
+ *  token over all blocks of head h, D / 32 channels per lane (p·V kernels v2-v4). */
+template <int NR>
+__device__ __forceinline__ void pvBufferTokens(const Args& a, float* acc, const uint16_t* pHead, int D, int h,
+                                               int warp, int lane) {
+  const int CPT = D / 32;
+  for (int r = blockIdx.x * kWarps + warp; r < a.Tr; r += a.splits * kWarps) {
+    const uint8_t* row = a.buffer + (size_t(h) * a.Tr + r) * D * 2;
+    float pr[NR];
+#pragma unroll
+    for (int i = 0; i < NR; ++i) pr[i] = halfFrom(pHead[size_t(i) * a.T + a.Tc + r]);
+    for (int j = 0; j < CPT; ++j) {
+      const int d = lane * CPT + j;
+      const float x = halfAtBytes(row + 2 * d);
+#pragma unroll
+      for (int i = 0; i < NR; ++i) acc[i * D + d] = fmaf(pr[i], x, acc[i * D + d]);
+    }
+  }
+}
+
+/**
  * Lane l owns channels l·CPT .. (CPT = D/32) and keeps their NR sums in shared memory (its own
  * words: no atomics). Per pack group, lanes k < P compute ps = p_t·scale_t of slot k for the NR
  * heads (shared with the warp through shared memory), Σ ps and the zero-point term
@@ -431,28 +481,7 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
     }
   }
   __syncthreads();
-  // The block's partial sums in warp order (deterministic).
-  float* dst = a.partial + (size_t(h) * a.splits + blockIdx.x) * NR * D;
-  for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += sAcc[w * NR * D + idx];
-    dst[idx] = sum;
-  }
-  // The head's last block adds the partials in split order and resets the counter.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == unsigned(a.splits - 1);
-  __syncthreads();
-  if (!sLast) return;
-  __threadfence();
-  const float* part = a.partial + size_t(h) * a.splits * NR * D;
-  for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
-    float sum = 0.f;
-    for (int sp = 0; sp < a.splits; ++sp) sum += __ldcg(part + size_t(sp) * NR * D + idx);
-    a.out[size_t(h) * NR * D + idx] = sum;
-  }
-  if (threadIdx.x == 0) a.counters[h] = 0;
+  pvFinish<NR>(a, sAcc, D, h, sLast);
 }
 
 }  // namespace packkv::packkv_gpu

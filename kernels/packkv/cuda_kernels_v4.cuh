@@ -615,40 +615,10 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
   }
   cpAsyncWait0();
   __syncthreads();
-  constexpr int CPT = D / 32;
-  for (int r = blockIdx.x * kWarps + warp; r < a.Tr; r += a.splits * kWarps) {
-    const uint8_t* row = a.buffer + (size_t(h) * a.Tr + r) * D * 2;
-    float pr[NR];
-#pragma unroll
-    for (int i = 0; i < NR; ++i) pr[i] = halfFrom(pHead[size_t(i) * a.T + a.Tc + r]);
-    for (int j = 0; j < CPT; ++j) {
-      const int d = lane * CPT + j;
-      const float x = halfAtBytes(row + 2 * d);
-#pragma unroll
-      for (int i = 0; i < NR; ++i) acc[i * D + d] = fmaf(pr[i], x, acc[i * D + d]);
-    }
-  }
+  // The recent fp16 tokens: a warp per token, over all blocks of this head.
+  pvBufferTokens<NR>(a, acc, pHead, D, h, warp, lane);
   __syncthreads();
-  float* dst = a.partial + (size_t(h) * a.splits + blockIdx.x) * NR * D;
-  for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) sum += sAcc[w * NR * D + idx];
-    dst[idx] = sum;
-  }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == unsigned(a.splits - 1);
-  __syncthreads();
-  if (!sLast) return;
-  __threadfence();
-  const float* part = a.partial + size_t(h) * a.splits * NR * D;
-  for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
-    float sum = 0.f;
-    for (int sp = 0; sp < a.splits; ++sp) sum += __ldcg(part + size_t(sp) * NR * D + idx);
-    a.out[size_t(h) * NR * D + idx] = sum;
-  }
-  if (threadIdx.x == 0) a.counters[h] = 0;
+  pvFinish<NR>(a, sAcc, D, h, sLast);
 }
 
 #endif  // __CUDACC__
