@@ -436,6 +436,78 @@ __device__ __forceinline__ float normalizer(float maxAbs) {
   return __uint_as_float(uint32_t(min(max(127 + e, 1), 254)) << 23);
 }
 
+/** Per head: the stage's normalizer (block max of |p·scale| in sMax [kWarps][NR]); bScale for this
+ *  lane's B column head 4nt + gr/2, cInv = its inverse for the C head 4nt + tig. */
+template <int NR, int NT>
+__device__ __forceinline__ void stageNormalizers(const float* sMax, int gr, int tig, float (&bScale)[NT],
+                                                 float (&cInv)[NT]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int hb = min(4 * nt + (gr >> 1), NR - 1), hc = min(4 * nt + tig, NR - 1);
+    float mb = 0.f, mc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, sMax[w * NR + hb]), mc = fmaxf(mc, sMax[w * NR + hc]);
+    bScale[nt] = normalizer(mb);
+    cInv[nt] = 1.f / normalizer(mc);  // a power of two: exact
+  }
+}
+
+/** B fragments of one pack group: (k 2tig, 2tig+1 | 2tig+8, 2tig+9; column gr) = slots tig, tig+4 |
+ *  8+tig, 12+tig of ps (sPs at the group's first slot), p·scale·bScale split into f16 hi (even
+ *  columns) and lo (odd columns) for the heads 4nt + gr/2 < NR, zeros elsewhere. */
+template <int P, int NR, int MT, int NT>
+__device__ __forceinline__ void pvBFragments(const float* ps0, const float (&bScale)[NT], int gr, int tig,
+                                             uint32_t (&bf)[MT][NT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int head = 4 * nt + (gr >> 1);
+      float x[4] = {0.f, 0.f, 0.f, 0.f};
+      if (head < NR) {
+        const float* ps = ps0 + head * kPvSlots + mt * 16 + tig;
+        x[0] = ps[0] * bScale[nt], x[1] = ps[4] * bScale[nt];
+        if (P >= 16) x[2] = ps[8] * bScale[nt], x[3] = ps[12] * bScale[nt];
+      }
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const __half2 hi = __floats2half2_rn(x[2 * q], x[2 * q + 1]);
+        const float2 hf = __half22float2(hi);
+        const __half2 lo = __floats2half2_rn(x[2 * q] - hf.x, x[2 * q + 1] - hf.y);
+        const __half2 v = (gr & 1) ? lo : hi;
+        bf[mt][nt][q] = *reinterpret_cast<const uint32_t*>(&v);
+      }
+    }
+  }
+}
+
+/** A stage's MMA sums (cAcc, scaled back by cInv) and zero-point terms (zs, reduced over the warp)
+ *  into this warp's fp32 accumulators acc [NR][kD]. */
+template <int NR, int NT, int MC>
+__device__ __forceinline__ void addStageSums(const float (&cAcc)[MC][NT][4], float (&zs)[NR], const float (&cInv)[NT],
+                                             int gr, int tig, float* acc) {
+#pragma unroll
+  for (int i = 0; i < NR; ++i) {
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], o);
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    const int head = 4 * nt + tig;
+    if (head < NR) {
+      float zh = zs[0];
+#pragma unroll
+      for (int i = 1; i < NR; ++i) zh = head == i ? zs[i] : zh;
+#pragma unroll
+      for (int mc = 0; mc < MC; ++mc) {
+        float* dst = acc + head * kD + mc * 16 + gr;
+        dst[0] += fmaf(cAcc[mc][nt][0] + cAcc[mc][nt][1], cInv[nt], zh);
+        dst[8] += fmaf(cAcc[mc][nt][2] + cAcc[mc][nt][3], cInv[nt], zh);
+      }
+    }
+  }
+}
+
 template <int P, int NR>
 __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
   constexpr int D = kD, MT = P >= 16 ? P / 16 : 1, NT = (2 * NR + 7) / 8, MC = D / 16;
@@ -510,15 +582,7 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
     __syncthreads();
     // Per head: the stage's normalizer; this lane's B column head (4nt + gr/2) and C head (4nt + tig).
     float bScale[NT], cInv[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int hb = min(4 * nt + (gr >> 1), NR - 1), hc = min(4 * nt + tig, NR - 1);
-      float mb = 0.f, mc = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, sMax[w * NR + hb]), mc = fmaxf(mc, sMax[w * NR + hc]);
-      bScale[nt] = normalizer(mb);
-      cInv[nt] = 1.f / normalizer(mc);  // a power of two: exact
-    }
+    stageNormalizers<NR, NT>(sMax, gr, tig, bScale, cInv);
     const uint8_t* sBuf = sMem + buf * kBufBytes;
     float cAcc[MC][NT][4] = {};
     float zs[NR] = {};
@@ -531,29 +595,8 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
 #pragma unroll
         for (int i = 0; i < NR; ++i) zs[i] += sZs[i * kPvSlots + base + lane];
       }
-      // B fragments: (k 2tig, 2tig+1 | 2tig+8, 2tig+9; column gr) = slots tig, tig+4 | 8+tig, 12+tig.
       uint32_t bf[MT][NT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int head = 4 * nt + (gr >> 1);
-          float x[4] = {0.f, 0.f, 0.f, 0.f};
-          if (head < NR) {
-            const float* ps = sPs + head * kPvSlots + base + mt * 16 + tig;
-            x[0] = ps[0] * bScale[nt], x[1] = ps[4] * bScale[nt];
-            if (P >= 16) x[2] = ps[8] * bScale[nt], x[3] = ps[12] * bScale[nt];
-          }
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const __half2 hi = __floats2half2_rn(x[2 * q], x[2 * q + 1]);
-            const float2 hf = __half22float2(hi);
-            const __half2 lo = __floats2half2_rn(x[2 * q] - hf.x, x[2 * q + 1] - hf.y);
-            const __half2 v = (gr & 1) ? lo : hi;
-            bf[mt][nt][q] = *reinterpret_cast<const uint32_t*>(&v);
-          }
-        }
-      }
+      pvBFragments<P, NR, MT, NT>(sPs + base, bScale, gr, tig, bf);
       __syncwarp();  // the previous item's ldmatrix reads are done
       unpackItem<P>(s, g, lane, tile);
       __syncwarp();
@@ -569,26 +612,7 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
       }
     }
     // The stage's sums into this warp's fp32 accumulators, with its zero-point term.
-#pragma unroll
-    for (int i = 0; i < NR; ++i) {
-#pragma unroll
-      for (int o = 16; o >= 1; o >>= 1) zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], o);
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int head = 4 * nt + tig;
-      if (head < NR) {
-        float zh = zs[0];
-#pragma unroll
-        for (int i = 1; i < NR; ++i) zh = head == i ? zs[i] : zh;
-#pragma unroll
-        for (int mc = 0; mc < MC; ++mc) {
-          float* dst = acc + head * D + mc * 16 + gr;
-          dst[0] += fmaf(cAcc[mc][nt][0] + cAcc[mc][nt][1], cInv[nt], zh);
-          dst[8] += fmaf(cAcc[mc][nt][2] + cAcc[mc][nt][3], cInv[nt], zh);
-        }
-      }
-    }
+    addStageSums<NR, NT, MC>(cAcc, zs, cInv, gr, tig, acc);
     __syncthreads();
     b = bn, n = nn, buf ^= 1;
   }

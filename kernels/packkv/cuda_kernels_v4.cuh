@@ -245,6 +245,9 @@ using v2::runOf;
 using v3::ldsm4;
 using v3::mma16816;
 using v3::normalizer;
+using v3::addStageSums;
+using v3::pvBFragments;
+using v3::stageNormalizers;
 
 /** The slow path for a whole warp: v3's width prefix, then unpackLaneSlow. Not inlined. */
 template <int P>
@@ -528,16 +531,9 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
     }
     cpAsyncWait1();
     __syncthreads();
+    // Per head: the stage's normalizer; this lane's B column head (4nt + gr/2) and C head (4nt + tig).
     float bScale[NT], cInv[NT];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int hb = min(4 * nt + (gr >> 1), NR - 1), hc = min(4 * nt + tig, NR - 1);
-      float mb = 0.f, mc = 0.f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) mb = fmaxf(mb, sMax[w * NR + hb]), mc = fmaxf(mc, sMax[w * NR + hc]);
-      bScale[nt] = normalizer(mb);
-      cInv[nt] = 1.f / normalizer(mc);  // a power of two: exact
-    }
+    stageNormalizers<NR, NT>(sMax, gr, tig, bScale, cInv);
     const uint8_t* sBuf = sMem + buf * kBufBytes;
     float cAcc[MC][NT][4] = {};
     float zs[NR] = {};
@@ -551,27 +547,7 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
         for (int i = 0; i < NR; ++i) zs[i] += sZs[i * kPvSlots + base + lane];
       }
       uint32_t bf[MT][NT][2];
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int head = 4 * nt + (gr >> 1);
-          float x[4] = {0.f, 0.f, 0.f, 0.f};
-          if (head < NR) {
-            const float* ps = sPs + head * kPvSlots + base + mt * 16 + tig;
-            x[0] = ps[0] * bScale[nt], x[1] = ps[4] * bScale[nt];
-            if (P >= 16) x[2] = ps[8] * bScale[nt], x[3] = ps[12] * bScale[nt];
-          }
-#pragma unroll
-          for (int q = 0; q < 2; ++q) {
-            const __half2 hi = __floats2half2_rn(x[2 * q], x[2 * q + 1]);
-            const float2 hf = __half22float2(hi);
-            const __half2 lo = __floats2half2_rn(x[2 * q] - hf.x, x[2 * q + 1] - hf.y);
-            const __half2 v = (gr & 1) ? lo : hi;
-            bf[mt][nt][q] = *reinterpret_cast<const uint32_t*>(&v);
-          }
-        }
-      }
+      pvBFragments<P, NR, MT, NT>(sPs + base, bScale, gr, tig, bf);
       __syncwarp();  // the previous item's ldmatrix reads are done
       if (n > 0)
         unpackItem<P>(a, true, sMemAddr + uint32_t(buf * kBufBytes + sOff[buf][k]), sBuf + sOff[buf][k], g, lane,
@@ -590,26 +566,8 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
         }
       }
     }
-#pragma unroll
-    for (int i = 0; i < NR; ++i) {
-#pragma unroll
-      for (int o = 16; o >= 1; o >>= 1) zs[i] += __shfl_xor_sync(0xffffffffu, zs[i], o);
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const int head = 4 * nt + tig;
-      if (head < NR) {
-        float zh = zs[0];
-#pragma unroll
-        for (int i = 1; i < NR; ++i) zh = head == i ? zs[i] : zh;
-#pragma unroll
-        for (int mc = 0; mc < MC; ++mc) {
-          float* dst = acc + head * D + mc * 16 + gr;
-          dst[0] += fmaf(cAcc[mc][nt][0] + cAcc[mc][nt][1], cInv[nt], zh);
-          dst[8] += fmaf(cAcc[mc][nt][2] + cAcc[mc][nt][3], cInv[nt], zh);
-        }
-      }
-    }
+    // The stage's sums into this warp's fp32 accumulators, with its zero-point term.
+    addStageSums<NR, NT, MC>(cAcc, zs, cInv, gr, tig, acc);
     __syncthreads();
     b = bn, n = nn, buf ^= 1;
   }
