@@ -308,20 +308,13 @@ __host__ __device__ constexpr size_t qkSmemBytes(int P, int NR) {
          (size_t(NR) * kD + NR) * sizeof(float);
 }
 
-template <int P, int NR>
-__global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
-  constexpr int D = kD, MT = P >= 16 ? P / 16 : 1, ROWS = P >= 16 ? 2 * MT : 1;
-  extern __shared__ __align__(16) uint8_t sMem[];  // stages | tiles | q B fragments | q f32 | Σq
-  __shared__ int sOff[2][kMaxSegs];
-  const int h = blockIdx.y;
-  uint8_t* sTiles = sMem + 2 * kBufBytes;
-  uint2* sQf = reinterpret_cast<uint2*>(sTiles + kWarps * tileBytes(P));
-  float* sQ = reinterpret_cast<float*>(sQf + (D / 16) * 32);
-  float* sQsum = sQ + NR * D;
-  int bBeg, bEnd;
-  runOf(a, bBeg, bEnd);
-  const int quant = max(1, kWarps / a.G);
-  int n = issueStage(a, h, bBeg, bEnd, kMaxSegs, quant, sMem, sOff[0]);
+/** The GQA group's queries of KV head h, once per block (all threads; ends after a barrier for sQ
+ *  and sQf, Σq written by threads < NR before the caller's next barrier): q as f32 [NR][kD], its
+ *  own f16 bits as the MMA B fragments (k 2tig.., column g | k 2tig+8.., column g) per 16-channel
+ *  block, and Σq per head summed in double. */
+template <int NR>
+__device__ __forceinline__ void stageQ(const Args& a, int h, float* sQ, uint2* sQf, float* sQsum) {
+  constexpr int D = kD;
   const uint16_t* qHead = a.in + size_t(h) * NR * D;
   for (int i = threadIdx.x; i < NR * D; i += blockDim.x) sQ[i] = halfFrom(qHead[i]);
   for (int i = threadIdx.x; i < (D / 16) * 32; i += blockDim.x) {  // B: (k 2tig.., col g), (k 2tig+8.., col g)
@@ -340,6 +333,23 @@ __global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
     for (int d = 0; d < D; ++d) sum += double(sQ[threadIdx.x * D + d]);
     sQsum[threadIdx.x] = float(sum);
   }
+}
+
+template <int P, int NR>
+__global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
+  constexpr int D = kD, MT = P >= 16 ? P / 16 : 1, ROWS = P >= 16 ? 2 * MT : 1;
+  extern __shared__ __align__(16) uint8_t sMem[];  // stages | tiles | q B fragments | q f32 | Σq
+  __shared__ int sOff[2][kMaxSegs];
+  const int h = blockIdx.y;
+  uint8_t* sTiles = sMem + 2 * kBufBytes;
+  uint2* sQf = reinterpret_cast<uint2*>(sTiles + kWarps * tileBytes(P));
+  float* sQ = reinterpret_cast<float*>(sQf + (D / 16) * 32);
+  float* sQsum = sQ + NR * D;
+  int bBeg, bEnd;
+  runOf(a, bBeg, bEnd);
+  const int quant = max(1, kWarps / a.G);
+  int n = issueStage(a, h, bBeg, bEnd, kMaxSegs, quant, sMem, sOff[0]);
+  stageQ<NR>(a, h, sQ, sQf, sQsum);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, tig = lane & 3;
   uint8_t* tile = sTiles + warp * tileBytes(P);
   uint2 bq[D / 16];  // this lane's q B fragments, for the whole kernel

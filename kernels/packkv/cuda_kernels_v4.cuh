@@ -246,6 +246,7 @@ using v3::ldsm4;
 using v3::mma16816;
 using v3::normalizer;
 using v3::addStageSums;
+using v3::stageQ;
 using v3::pvBFragments;
 using v3::stageNormalizers;
 
@@ -322,24 +323,7 @@ __global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
   runOf(a, bBeg, bEnd);
   const int maxSegs = max(1, min(kMaxSegs, kQkSlots / a.B));
   int n = issueStage(a, h, bBeg, bEnd, maxSegs, 1, sMem, sOff[0]);
-  const uint16_t* qHead = a.in + size_t(h) * NR * D;
-  for (int i = threadIdx.x; i < NR * D; i += blockDim.x) sQ[i] = halfFrom(qHead[i]);
-  for (int i = threadIdx.x; i < (D / 16) * 32; i += blockDim.x) {  // B: (k 2tig.., col g), (k 2tig+8.., col g)
-    const int kb = i >> 5, l = i & 31, col = l >> 2, tig = l & 3;
-    uint2 f = make_uint2(0u, 0u);
-    if (col < NR) {
-      const uint16_t* qc = qHead + col * D + kb * 16 + 2 * tig;
-      f.x = uint32_t(qc[0]) | (uint32_t(qc[1]) << 16);
-      f.y = uint32_t(qc[8]) | (uint32_t(qc[9]) << 16);
-    }
-    sQf[i] = f;
-  }
-  __syncthreads();
-  if (threadIdx.x < NR) {
-    double sum = 0.0;
-    for (int d = 0; d < D; ++d) sum += double(sQ[threadIdx.x * D + d]);
-    sQsum[threadIdx.x] = float(sum);
-  }
+  stageQ<NR>(a, h, sQ, sQf, sQsum);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gr = lane >> 2, tig = lane & 3;
   uint8_t* tile = sTiles + warp * tileBytes(P);
   uint2 bq[D / 16];  // this lane's q B fragments, for the whole kernel
