@@ -87,7 +87,14 @@ describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`
     const shape = { kvHeads: 2, tokens: 4096, headDim: 128 };
     const r = lcg(3);
     const x = asF16(filled(2 * 4096 * 128, (i) => r() + (i % 128 === 5 ? 6 : 0)));
-    for (const spec of ['tailorkv:mode=s', 'tailorkv:mode=s,budget=32,channels=4']) {
+    // The last two: an offloaded count that is not a multiple of 8 (4084), and one channel with a
+    // budget past the 256 candidates the last block ranks (ties go to the radix select).
+    for (const spec of [
+      'tailorkv:mode=s',
+      'tailorkv:mode=s,budget=32,channels=4',
+      'tailorkv:mode=s,sinks=5,window=7',
+      'tailorkv:mode=s,channels=1,budget=600',
+    ]) {
       const ek = await nat.encode(spec, 'K', x, shape);
       const ev = await nat.encode(spec, 'V', x, shape);
       await nat.gpuRun('encode', ek.stream, x, 1, 1, 1);
@@ -98,6 +105,10 @@ describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`
       const q = asF16(filled(2 * 8 * 128, () => r()));
       const gs = await nat.gpuRun('qk', ek.stream, q, 8, 2, 1);
       expect(Buffer.from(gs.result.buffer).equals(Buffer.from((await nat.qk(ek.stream, q, 8, 2)).buffer))).toBe(true);
+      // A zero query: every approximate score ties, the selection is by index alone (radix path).
+      const q0 = new Float32Array(2 * 8 * 128);
+      const gz = await nat.gpuRun('qk', ek.stream, q0, 8, 2, 1);
+      expect(Buffer.from(gz.result.buffer).equals(Buffer.from((await nat.qk(ek.stream, q0, 8, 2)).buffer))).toBe(true);
       const p = asF16(filled(2 * 8 * 4096, (i) => (i % 3 === 0 ? 0 : Math.abs(r()) / 3000)));
       expect(relDiff((await nat.gpuRun('pv', ev.stream, p, 8, 2, 1)).result, await nat.pv(ev.stream, p, 8, 2))).toBeLessThan(1e-5);
     }
