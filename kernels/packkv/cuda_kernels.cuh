@@ -239,6 +239,26 @@ __global__ void decodeBufferKernel(Args a) {
 
 // ---- q·Kᵀ: 8 lanes per pack group, 4 groups per warp; grid (blocks, KV heads) --------------------
 
+/** The scores of recent fp16 token r for the NR query heads of KV head h (sQ f32 [NR][D]): the LPG
+ *  lanes of a group (mask) split the channels and reduce; lane lp = 0 writes (q·Kᵀ v1-v4). */
+template <int NR, int LPG>
+__device__ __forceinline__ void qkBufferToken(const Args& a, const float* sQ, int D, int h, int r, int lp,
+                                              unsigned mask) {
+  const uint8_t* row = a.buffer + (size_t(h) * a.Tr + r) * D * 2;
+  float acc[NR] = {};
+  for (int d = lp; d < D; d += LPG) {
+    const float x = halfAtBytes(row + 2 * d);
+#pragma unroll
+    for (int i = 0; i < NR; ++i) acc[i] = fmaf(sQ[i * D + d], x, acc[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < NR; ++i) {
+#pragma unroll
+    for (int o = LPG / 2; o >= 1; o >>= 1) acc[i] += __shfl_xor_sync(mask, acc[i], o, LPG);
+    if (lp == 0) a.out[size_t(h * NR + i) * a.T + a.Tc + r] = acc[i];
+  }
+}
+
 /**
  * Lane l of an 8-lane group owns CPT = D/8 channels of one pack group and accumulates P tokens x NH
  * query heads of partial dot products; the group reduce-scatters them, so lane l ends with tokens
@@ -267,20 +287,7 @@ __global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
   const int quantItems = a.nb * a.G, items = quantItems + a.Tr;
   for (int item = (blockIdx.x * kWarps + warp) * SPW + sub; item < items; item += gridDim.x * kWarps * SPW) {
     if (item >= quantItems) {  // a recent fp16 token
-      const int r = item - quantItems;
-      const uint8_t* row = a.buffer + (size_t(h) * a.Tr + r) * D * 2;
-      float acc[NR] = {};
-      for (int d = lp; d < D; d += LPG) {
-        const float x = halfAtBytes(row + 2 * d);
-#pragma unroll
-        for (int i = 0; i < NR; ++i) acc[i] = fmaf(sQ[i * D + d], x, acc[i]);
-      }
-#pragma unroll
-      for (int i = 0; i < NR; ++i) {
-#pragma unroll
-        for (int o = LPG / 2; o >= 1; o >>= 1) acc[i] += __shfl_xor_sync(mask, acc[i], o, LPG);
-        if (lp == 0) a.out[size_t(h * NR + i) * a.T + a.Tc + r] = acc[i];
-      }
+      qkBufferToken<NR, LPG>(a, sQ, D, h, item - quantItems, lp, mask);
       continue;
     }
     const int b = item / a.G, g = item % a.G;

@@ -319,19 +319,7 @@ __global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
   cpAsyncWait0();
   // The recent fp16 tokens: 8 lanes per token, over all blocks of this head.
   for (int r = (blockIdx.x * kWarps + warp) * SPW + sub; r < a.Tr; r += gridDim.x * GROUPS) {
-    const uint8_t* row = a.buffer + (size_t(h) * a.Tr + r) * D * 2;
-    float acc[NR] = {};
-    for (int d = lp; d < D; d += LPG) {
-      const float x = halfAtBytes(row + 2 * d);
-#pragma unroll
-      for (int i = 0; i < NR; ++i) acc[i] = fmaf(sQ[i * D + d], x, acc[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < NR; ++i) {
-#pragma unroll
-      for (int o = LPG / 2; o >= 1; o >>= 1) acc[i] += __shfl_xor_sync(mask, acc[i], o, LPG);
-      if (lp == 0) a.out[size_t(h * NR + i) * a.T + a.Tc + r] = acc[i];
-    }
+    qkBufferToken<NR, LPG>(a, sQ, D, h, r, lp, mask);
   }
 }
 

@@ -416,19 +416,7 @@ __global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
   const int sub = lane / LPG, lp = lane % LPG;
   const unsigned mask = ((1u << LPG) - 1u) << (sub * LPG);
   for (int r = (blockIdx.x * kWarps + warp) * SPW + sub; r < a.Tr; r += gridDim.x * GROUPS) {
-    const uint8_t* row = a.buffer + (size_t(h) * a.Tr + r) * D * 2;
-    float acc[NR] = {};
-    for (int d = lp; d < D; d += LPG) {
-      const float x = halfAtBytes(row + 2 * d);
-#pragma unroll
-      for (int i = 0; i < NR; ++i) acc[i] = fmaf(sQ[i * D + d], x, acc[i]);
-    }
-#pragma unroll
-    for (int i = 0; i < NR; ++i) {
-#pragma unroll
-      for (int o = LPG / 2; o >= 1; o >>= 1) acc[i] += __shfl_xor_sync(mask, acc[i], o, LPG);
-      if (lp == 0) a.out[size_t(h * NR + i) * a.T + a.Tc + r] = acc[i];
-    }
+    qkBufferToken<NR, LPG>(a, sQ, D, h, r, lp, mask);
   }
 }
 
