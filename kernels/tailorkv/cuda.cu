@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -120,10 +121,13 @@ uint32_t selectedOf(const Params& p, const SparseLayout& lay) {
   return lay.hostTokens > 0 ? std::min(budget, lay.hostTokens) : 0;
 }
 
-/** Tokens per scoreKernel block: a multiple of kTile, about four blocks per SM over all KV heads. */
-uint32_t chunkOf(uint32_t M, uint32_t H) {
-  const uint64_t per = uint64_t(sp::kTile) * 4 * gpu::multiprocessors();
-  const uint64_t tiles = std::max<uint64_t>(1, (uint64_t(M) * H + per - 1) / per);
+/** Tokens per scoreKernel block: a multiple of kTile, so that all blocks are resident at once. */
+uint32_t chunkOf(uint32_t M, uint32_t H, uint32_t devBlocks, size_t smem) {
+  int perSm = 0;
+  PACKKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&perSm, sp::scoreKernel<true>, sp::kQkThreads, smem));
+  const uint64_t resident = uint64_t(std::max(perSm, 1)) * gpu::multiprocessors();
+  const uint64_t slots = std::max<uint64_t>(H, resident > uint64_t(devBlocks) * H ? resident - uint64_t(devBlocks) * H : 0);
+  const uint64_t tiles = std::max<uint64_t>(1, (uint64_t(M) * H + sp::kTile * slots - 1) / (sp::kTile * slots));
   return uint32_t(std::min<uint64_t>(tiles, 64) * sp::kTile);
 }
 
@@ -156,7 +160,8 @@ size_t sparseWorkspaceBytes(const StreamView& s, uint32_t qHeads) {
   const Shape& sh = s.header.shape;
   const SparseLayout lay = sparseLayout(s.params, s.header.kind, sh);
   if (s.header.kind == TensorKind::Key)
-    return kFlagBytes + sp::qkWorkspaceBytes(sh.heads, lay.hostTokens, selectedOf(s.params, lay), sh.dim);
+    return kFlagBytes + sp::qkWorkspaceBytes(sh.heads, lay.hostTokens, selectedOf(s.params, lay), sh.dim,
+                                               sh.heads ? qHeads / sh.heads : 0);
   const uint32_t group = sh.heads ? qHeads / sh.heads : 0;
   PvFn fn = pvKernelFor(sh.dim, group);
   if (!fn) return kFlagBytes;
@@ -234,21 +239,25 @@ void qkSparse(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t 
   a.M = lay.hostTokens, a.devTokens = lay.deviceTokens, a.channels = uint32_t(s.params.integer("channels"));
   a.k = selectedOf(s.params, lay);
   a.devBlocks = (a.devTokens + sp::exactRowsOf(a.D) - 1) / sp::exactRowsOf(a.D);
-  a.chunk = chunkOf(a.M, a.H), a.chunks = (a.M + a.chunk - 1) / a.chunk;
   a.selChunk = sp::selectChunkOf(a.M, a.k, a.D), a.selChunks = (a.M + a.selChunk - 1) / a.selChunk;
-  sp::qkWorkspaceSplit(a, static_cast<uint8_t*>(l.workspace) + kFlagBytes);
   // 16-byte channel-row loads and bin stores need M % 8 == 0 and an aligned host K.
   const bool vec = a.M % 8 == 0 && reinterpret_cast<uintptr_t>(a.host) % 16 == 0;
   const auto score = vec ? sp::scoreKernel<true> : sp::scoreKernel<false>;
   const auto select = vec ? sp::selectKernel<true> : sp::selectKernel<false>;
   const size_t scoreSmem = sp::scoreSmemOf(a.D, G), selectSmem = sp::selectSmemOf(a.selChunk, a.D, G);
-  static bool smemRaised = false;  // up to ~58 KB at head_dim 1024 with 8 query heads per KV head
+  static bool smemRaised = false;  // up to ~66 KB at head_dim 1024 with 8 query heads per KV head
   if (!smemRaised) {
     for (auto fn : {sp::scoreKernel<true>, sp::scoreKernel<false>, sp::selectKernel<true>, sp::selectKernel<false>})
-      PACKKV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 << 10));
+      PACKKV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, 96 << 10));
     smemRaised = true;
   }
+  a.chunk = chunkOf(a.M, a.H, a.devBlocks, scoreSmem), a.chunks = (a.M + a.chunk - 1) / a.chunk;
+  sp::qkWorkspaceSplit(a, static_cast<uint8_t*>(l.workspace) + kFlagBytes);
   const uint32_t scoreBlocks = a.devBlocks + (a.M > 0 ? a.chunks : 0);
+  static const bool pdl = [] {  // programmatic dependent launch of selectKernel: PACKKV_TAILORKV_PDL=1 (unmeasured)
+    const char* v = std::getenv("PACKKV_TAILORKV_PDL");
+    return v && std::string(v) == "1";
+  }();
   for (uint32_t n = 0; n < nq; ++n) {
     a.q = reinterpret_cast<const __half*>(q) + size_t(n) * qHeads * sh.dim;
     a.scores = scores + size_t(n) * qHeads * sh.tokens;
@@ -257,8 +266,14 @@ void qkSparse(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t 
       PACKKV_LAUNCH_CHECK();
     }
     if (a.M > 0 && a.k > 0 && sh.heads > 0) {
-      select<<<dim3(a.selChunks, a.H), sp::kQkThreads, selectSmem, l.stream>>>(a);
-      PACKKV_LAUNCH_CHECK();
+      cudaLaunchConfig_t cfg{};
+      cfg.gridDim = dim3(a.selChunks, a.H), cfg.blockDim = dim3(sp::kQkThreads);
+      cfg.dynamicSmemBytes = selectSmem, cfg.stream = l.stream;
+      cudaLaunchAttribute attr{};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;  // launch overlaps scoreKernel's tail
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = &attr, cfg.numAttrs = pdl ? 1 : 0;
+      PACKKV_CUDA_CHECK(cudaLaunchKernelEx(&cfg, select, a));
     }
   }
 }

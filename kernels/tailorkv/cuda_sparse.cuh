@@ -173,14 +173,15 @@ struct QkArgs {
   uint16_t* bins;      // [H][M]
   uint64_t* candKey[2];
   uint32_t* candIdx[2];  // [H][M] each
-  uint32_t* sel;         // [H][k]: boundary-bin winners
+  uint32_t* sel;         // [H][k]: boundary-bin winners of the radix fallback
+  float* candExact;      // [H][M][G]: exact scores of the candidates, by candidate slot
 };
 
 /** Bytes of the q·Kᵀ workspace after its 256-byte flag area, and the pointers into it. */
-inline uint64_t qkWorkspaceBytes(uint64_t H, uint64_t M, uint64_t k, uint64_t D) {
+inline uint64_t qkWorkspaceBytes(uint64_t H, uint64_t M, uint64_t k, uint64_t D, uint64_t G) {
   auto up = [](uint64_t b) { return (b + 255) / 256 * 256; };
   return up(H * kLinBins * 4) + 2 * up(H * 16) + up(H * D * 4) + up(H * D * 8) + up(H * M * 2) +
-         2 * up(H * M * 8) + 2 * up(H * M * 4) + up(H * k * 4);
+         2 * up(H * M * 8) + 2 * up(H * M * 4) + up(H * k * 4) + up(H * M * G * 4);
 }
 inline void qkWorkspaceSplit(QkArgs& a, uint8_t* base) {
   auto up = [](uint64_t b) { return (b + 255) / 256 * 256; };
@@ -193,7 +194,8 @@ inline void qkWorkspaceSplit(QkArgs& a, uint8_t* base) {
   a.bins = reinterpret_cast<uint16_t*>(base), base += up(H * M * 2);
   for (int i = 0; i < 2; ++i) a.candKey[i] = reinterpret_cast<uint64_t*>(base), base += up(H * M * 8);
   for (int i = 0; i < 2; ++i) a.candIdx[i] = reinterpret_cast<uint32_t*>(base), base += up(H * M * 4);
-  a.sel = reinterpret_cast<uint32_t*>(base);
+  a.sel = reinterpret_cast<uint32_t*>(base), base += up(H * a.k * 4);
+  a.candExact = reinterpret_cast<float*>(base);
 }
 
 /** Dynamic shared memory of the two q·Kᵀ kernels. */
@@ -205,7 +207,7 @@ inline size_t scoreSmemOf(uint32_t D, uint32_t G) {
 inline size_t selectSmemOf(uint32_t selChunk, uint32_t D, uint32_t G) {
   const size_t select = size_t(kBins) * 4 > size_t(kRankMax) * 12 ? size_t(kBins) * 4 : size_t(kRankMax) * 12;
   const size_t exact = exactSmemOf(D, G);
-  return (size_t(selChunk) * 4 + 15) / 16 * 16 + (select > exact ? select : exact);
+  return (size_t(selChunk) * 8 + 15) / 16 * 16 + (select > exact ? select : exact);
 }
 
 #ifdef __CUDACC__
@@ -295,6 +297,7 @@ __device__ void chooseChannels(const QkArgs& a, uint32_t h, double* qbar, double
   for (uint32_t d = threadIdx.x; d < D; d += blockDim.x) {
     const double sd = qsel[d];
     uint32_t rank = 0;
+#pragma unroll 8
     for (uint32_t j = 0; j < D; ++j) rank += (qsel[j] > sd || (qsel[j] == sd && j < d)) ? 1u : 0u;
     flags[d] = rank < C ? 1u : 0u;
   }
@@ -318,10 +321,12 @@ __device__ void chooseChannels(const QkArgs& a, uint32_t h, double* qbar, double
  * Exact scores of n rows of KV head h, exactRowsOf(D) per round: device rows first..first+n when
  * list is null, else the offloaded tokens list[0..n) (gathered from the channel-major host K). All
  * loads of a round are in flight before the first store; then one thread per (row, query head)
- * sums q·k in double in channel order: cpu.cpp's sum, bit for bit. smem: exactSmemOf(D, G) bytes.
+ * sums q·k in double in channel order (cpu.cpp's sum, bit for bit), 16 products ahead of the
+ * dependent adds. A row with slots[r] != ~0u is a boundary candidate: its scores go to
+ * candExact[slot] instead of the output. smem: exactSmemOf(D, G) bytes.
  */
 __device__ void exactRows(const QkArgs& a, uint32_t h, const uint32_t* list, uint32_t first, uint32_t n,
-                          float* smem) {
+                          float* smem, const uint32_t* slots = nullptr) {
   const uint32_t D = a.D, G = a.G, R = exactRowsOf(D), S = D + 1;
   float* qs = smem;     // [G][D]
   float* ks = qs + G * D;  // [R][D+1]
@@ -353,9 +358,21 @@ __device__ void exactRows(const QkArgs& a, uint32_t h, const uint32_t* list, uin
       const float* qg = qs + g * D;
       const float* kr = ks + lr * S;
       double acc = 0.0;
-      for (uint32_t d = 0; d < D; ++d) acc = __dadd_rn(acc, __dmul_rn(double(qg[d]), double(kr[d])));
-      const uint32_t token = list ? a.sinks + list[r0 + lr] : deviceTokenOf(first + r0 + lr, a.sinks, a.window, a.T);
-      a.scores[size_t(h * G + g) * a.T + token] = __double2float_rn(acc);
+      for (uint32_t d0 = 0; d0 < D; d0 += 16) {
+        double prod[16];
+#pragma unroll
+        for (uint32_t u = 0; u < 16; ++u) prod[u] = d0 + u < D ? __dmul_rn(double(qg[d0 + u]), double(kr[d0 + u])) : 0.0;
+#pragma unroll
+        for (uint32_t u = 0; u < 16; ++u)
+          if (d0 + u < D) acc = __dadd_rn(acc, prod[u]);  // no + 0.0 past D: it would turn -0 into +0
+      }
+      const uint32_t slot = slots ? slots[r0 + lr] : ~0u;
+      if (slot != ~0u) {
+        a.candExact[(size_t(h) * a.M + slot) * G + g] = __double2float_rn(acc);
+      } else {
+        const uint32_t token = list ? a.sinks + list[r0 + lr] : deviceTokenOf(first + r0 + lr, a.sinks, a.window, a.T);
+        a.scores[size_t(h * G + g) * a.T + token] = __double2float_rn(acc);
+      }
     }
   }
 }
@@ -400,12 +417,15 @@ __device__ inline uint16_t halfAt(const uint4& v, uint32_t j) {
  * and the host K 16-byte aligned (16-byte channel-row loads and bin stores).
  */
 template <bool Vec>
-__global__ void __launch_bounds__(kQkThreads, 2) scoreKernel(QkArgs a) {
+__global__ void __launch_bounds__(kQkThreads, 3) scoreKernel(QkArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
   __shared__ double sBound, sScale;
   __shared__ uint32_t sWarp[32], sB[3];
   __shared__ bool sLast;
   const uint32_t h = blockIdx.y, D = a.D, M = a.M, C = a.channels < D ? a.channels : D;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // selectKernel may start (it waits for us)
+#endif
   if (blockIdx.x < a.devBlocks) {
     const uint32_t r0 = blockIdx.x * exactRowsOf(D);
     exactRows(a, h, nullptr, r0, min(exactRowsOf(D), a.devTokens - r0), reinterpret_cast<float*>(smem));
@@ -544,8 +564,12 @@ __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
   __shared__ uint32_t sCount;
   __shared__ bool sLast;
   const uint32_t h = blockIdx.y, D = a.D, M = a.M;
-  uint32_t* list = reinterpret_cast<uint32_t*>(smem);  // [selChunk]: this block's selected tokens
-  unsigned char* work = smem + (size_t(a.selChunk) * 4 + 15) / 16 * 16;
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");  // scoreKernel complete (a no-op without PDL)
+#endif
+  uint32_t* list = reinterpret_cast<uint32_t*>(smem);  // [selChunk]: this block's selected and candidate tokens
+  uint32_t* slots = list + a.selChunk;                  // [selChunk]: ~0u, or the candidate's slot
+  unsigned char* work = smem + (size_t(a.selChunk) * 8 + 15) / 16 * 16;
   const int32_t* bd = a.bound + 4 * h;
   const int32_t boundary = bd[0];
   const uint32_t above = uint32_t(bd[1]), C = uint32_t(bd[3]);
@@ -563,7 +587,8 @@ __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
       const int32_t b = int32_t(halfAt(v, j));
       if (j >= valid) continue;
       if (b > boundary) {
-        list[atomicAdd(&sCount, 1u)] = m + j;
+        const uint32_t at = atomicAdd(&sCount, 1u);
+        list[at] = m + j, slots[at] = ~0u;
       } else if (b == boundary) {  // rare: recompute the approximate score for its full key
         double acc = 0.0;
         for (uint32_t i = 0; i < C; ++i)
@@ -571,38 +596,40 @@ __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
         const uint32_t slot = atomicAdd(&a.counters[4 * h + 2], 1u);
         a.candKey[0][size_t(h) * M + slot] = orderedKey(acc);
         a.candIdx[0][size_t(h) * M + slot] = m + j;
+        const uint32_t at = atomicAdd(&sCount, 1u);  // exact scores ahead of the selection
+        list[at] = m + j, slots[at] = slot;
       }
     }
   }
   __syncthreads();
-  exactRows(a, h, list, 0, sCount, reinterpret_cast<float*>(work));
+  exactRows(a, h, list, 0, sCount, reinterpret_cast<float*>(work), slots);
   if (!lastBlockDone(&a.counters[4 * h + 1], a.selChunks, &sLast)) return;
-  const uint32_t need = a.k - above, n = __ldcg(&a.counters[4 * h + 2]);
-  uint32_t* winners = a.sel + size_t(h) * a.k;
-  const uint32_t* chosen = winners;
+  const uint32_t need = a.k - above, n = __ldcg(&a.counters[4 * h + 2]), G = a.G;
+  const float* cx = a.candExact + size_t(h) * M * G;
+  auto emit = [&](uint32_t slot, uint32_t token) {  // a winner's exact scores, computed by its block
+    for (uint32_t g = 0; g < G; ++g) a.scores[size_t(h * G + g) * a.T + a.sinks + token] = __ldcg(cx + size_t(slot) * G + g);
+  };
   if (need > 0 && need == n) {
-    chosen = a.candIdx[0] + size_t(h) * M;
+    for (uint32_t i = threadIdx.x; i < n; i += blockDim.x) emit(i, __ldcg(a.candIdx[0] + size_t(h) * M + i));
   } else if (need > 0 && n <= kRankMax) {
-    __syncthreads();
     uint64_t* ck = reinterpret_cast<uint64_t*>(work);
     uint32_t* ci = reinterpret_cast<uint32_t*>(ck + kRankMax);
     for (uint32_t i = threadIdx.x; i < n; i += blockDim.x)
       ck[i] = __ldcg(a.candKey[0] + size_t(h) * M + i), ci[i] = __ldcg(a.candIdx[0] + size_t(h) * M + i);
-    if (threadIdx.x == 0) sCount = 0;
     __syncthreads();
     if (threadIdx.x < n) {
       const uint64_t key = ck[threadIdx.x];
       const uint32_t idx = ci[threadIdx.x];
       uint32_t rank = 0;
       for (uint32_t j = 0; j < n; ++j) rank += ranksBefore(ck[j], ci[j], key, idx) ? 1u : 0u;
-      if (rank < need) winners[atomicAdd(&sCount, 1u)] = idx;
+      if (rank < need) emit(threadIdx.x, idx);
     }
-  } else if (need > 0) {
-    __syncthreads();
+  } else if (need > 0) {  // many candidates (ties): radix select, then the winners' exact scores again
+    uint32_t* winners = a.sel + size_t(h) * a.k;
     radixSelect(a, h, n, need, winners, reinterpret_cast<uint32_t*>(work));
+    __syncthreads();  // the winners are written (global, this block)
+    exactRows(a, h, winners, 0, need, reinterpret_cast<float*>(work));
   }
-  __syncthreads();  // the winners are written (global, this block)
-  exactRows(a, h, chosen, 0, need, reinterpret_cast<float*>(work));
   if (threadIdx.x == 0) a.counters[4 * h + 1] = 0, a.counters[4 * h + 2] = 0;
 }
 
