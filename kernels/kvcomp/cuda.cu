@@ -59,6 +59,8 @@ extern __shared__ __align__(16) uint8_t kvcSmem[];
 
 constexpr uint32_t kTableBytes = kg::kTableEntries * 2;      // u16 entries (scalar decoders)
 constexpr uint32_t kTable32Bytes = kg::kTableEntries * 4;    // u32 entries (tensor-core products)
+constexpr uint32_t kPairFirstBytes = 256 * 4;                 // the pair table's first level, up to 8 bits
+static_assert(kg::kPairEntries == kg::kTableEntries, "the pair table reuses the 32-bit table's room");
 constexpr uint32_t kStagePadBytes = 256;  // slack after the staging area for decodePair's unchecked reads
 constexpr uint32_t kScratchBytes = 512;  // TableScratch + 32 warp totals
 constexpr uint32_t kMagic = 0x4B000000u;  // float bits of 2^23: (2^23 + c) for integer c < 2^23
@@ -75,6 +77,7 @@ struct Args {
   uint32_t tableBytes;   // kTableBytes, or kTable32Bytes on the tensor-core path
   bool mma;              // the tensor-core product kernels (plan(): 128 codes per vector, whole warps per slot)
   bool pred;             // tensor-core path: predicated window / fragment loads (PACKKV_KVCOMP_PRED, default on)
+  uint32_t pairBits;     // tensor-core path: pair table with a first level of this many bits (12: none; 0: off)
   uint32_t wOff, stOff;  // byte offsets of the weights and the staging area in shared memory
   const uint16_t* in;    // q f16 [qHeads][D] or p f16 [qHeads][T] of this query step
   float* out;            // scores [qHeads][T], p·V out [qHeads][D], or the decoded tensor
@@ -113,7 +116,14 @@ __device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint
   __syncthreads();
   kg::tableSort(tid, lens, A, ts, sorted);
   __syncthreads();
-  if (a.mma && !a.n1max) kg::tableFill32(tid, n, L, ts, sorted, kg::symbolCenter(lay.alphabet), reinterpret_cast<uint32_t*>(kvcSmem));
+  // the pair table when the stream's alphabet allows it (block-uniform: the header's alphabet)
+  lk.paired = a.pairBits != 0 && lay.alphabet <= kg::kPairAlphabet;
+  if (lk.paired) {  // the u16 table in the staging area (free until the first segment), then the pairs from it
+    uint16_t* single = reinterpret_cast<uint16_t*>(kvcSmem + a.stOff + (3 * A + 31) / 16 * 16);
+    kg::tableFill(tid, n, L, ts, sorted, single);
+    __syncthreads();
+    kg::tablePairFill(tid, n, L, single, kg::symbolCenter(lay.alphabet), reinterpret_cast<uint32_t*>(kvcSmem));
+  } else if (a.mma && !a.n1max) kg::tableFill32(tid, n, L, ts, sorted, kg::symbolCenter(lay.alphabet), reinterpret_cast<uint32_t*>(kvcSmem));
   else kg::tableFill(tid, n, L, ts, sorted, table);
   __syncthreads();
   lk.table = table;
@@ -121,6 +131,18 @@ __device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint
   lk.lane2 = 2 * (tid & 31);
   lk.t1 = nullptr;
   lk.n1 = 0;
+  if (lk.paired) {
+    lk.n1 = a.pairBits;
+    if (a.pairBits < kg::kPairBits) {
+      uint32_t* t1 = reinterpret_cast<uint32_t*>(kvcSmem + kTable32Bytes);
+      kg::tablePairFirst(tid, n, a.pairBits, reinterpret_cast<const uint32_t*>(kvcSmem), t1);
+      lk.t1 = reinterpret_cast<const uint16_t*>(t1);
+      __syncthreads();
+    } else {
+      lk.t1 = table;  // no first level: the pair table itself, 12 bits
+    }
+    return;
+  }
   if (a.n1max) {
     uint32_t* t1 = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + kScratchBytes);
     lk.n1 = kg::firstLevelBits(L, a.n1max);
@@ -430,7 +452,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint4& a, uint32_t
  * read only by the 8 lanes that carry weights (the others hold zeros): one conflict-free
  * wavefront (8 x 16 contiguous bytes) instead of an LDS.128 over 32 lanes and 9 addresses.
  */
-template <int MT, int SPLIT, bool RAW, bool FIRST, bool PRED>
+template <int MT, int SPLIT, bool RAW, bool FIRST, bool PRED, bool PAIRED = false>
 __device__ __forceinline__ void mmaWalk(const uint32_t* st, uint32_t p, const uint32_t* table, uint32_t shiftR, uint32_t w,
                                         int32_t center, const uint32_t* frag, const kg::Lookup& lk, float (&c)[MT][4]) {
   const uint32_t* t1 = reinterpret_cast<const uint32_t*>(lk.t1);
@@ -440,8 +462,14 @@ __device__ __forceinline__ void mmaWalk(const uint32_t* st, uint32_t p, const ui
   rd.start(st, p);
 #pragma unroll
   for (uint32_t s = 0; s < kMmaSteps; ++s) {
-    const uint32_t b0 = rd.next<RAW, FIRST, PRED>(st, table, shiftR, w, center, t1, shift1, lane);
-    const uint32_t b1 = rd.next<RAW, FIRST, PRED>(st, table, shiftR, w, center, t1, shift1, lane);
+    uint32_t b0, b1;
+    if (PAIRED) {
+      b0 = rd.nextPaired<PRED>(st, table, t1, shift1);
+      b1 = rd.nextPaired<PRED>(st, table, t1, shift1);
+    } else {
+      b0 = rd.next<RAW, FIRST, PRED>(st, table, shiftR, w, center, t1, shift1, lane);
+      b1 = rd.next<RAW, FIRST, PRED>(st, table, shiftR, w, center, t1, shift1, lane);
+    }
 #pragma unroll
     for (int sp = 0; sp < SPLIT; ++sp)
 #pragma unroll
@@ -459,7 +487,10 @@ __device__ __forceinline__ void mmaSegment(bool raw, bool pred, const uint32_t* 
                                            uint32_t shiftR, uint32_t w, int32_t center, const uint32_t* frag,
                                            const kg::Lookup& lk, float (&c)[MT][4]) {
   if (raw) mmaWalk<MT, SPLIT, true, false, true>(st, p, table, shiftR, w, center, frag, lk, c);
-  else if (!pred) {
+  else if (lk.paired) {
+    if (pred) mmaWalk<MT, SPLIT, false, false, true, true>(st, p, table, shiftR, w, center, frag, lk, c);
+    else mmaWalk<MT, SPLIT, false, false, false, true>(st, p, table, shiftR, w, center, frag, lk, c);
+  } else if (!pred) {
     if (lk.t1) mmaWalk<MT, SPLIT, false, true, false>(st, p, table, shiftR, w, center, frag, lk, c);
     else mmaWalk<MT, SPLIT, false, false, false>(st, p, table, shiftR, w, center, frag, lk, c);
   } else if (lk.t1) mmaWalk<MT, SPLIT, false, true, true>(st, p, table, shiftR, w, center, frag, lk, c);
@@ -952,6 +983,24 @@ uint32_t firstLevelMaxBits(TensorKind kind) {
   return kind == TensorKind::Key ? k : v;
 }
 
+/**
+ * The pair table of the tensor-core products (cuda_huffman.cuh tablePairFill: two codes per
+ * lookup, alphabets <= 128, the full table otherwise) and the bits of its first level:
+ * PACKKV_KVCOMP_PAIR = 1..8 (first level), 12 (no first level) or 0 (off: one code per lookup);
+ * PACKKV_KVCOMP_PAIRV overrides it for V. Default 0 (off): measured slower, see docs/kernels.md.
+ */
+uint32_t envPairBits(const char* name, uint32_t otherwise) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return otherwise;
+  const int b = std::atoi(v);
+  return b <= 0 ? 0u : b >= int(kg::kPairBits) ? kg::kPairBits : uint32_t(std::min(b, 8));
+}
+uint32_t pairBitsOf(TensorKind kind) {
+  static const uint32_t k = envPairBits("PACKKV_KVCOMP_PAIR", 0u);
+  static const uint32_t v = envPairBits("PACKKV_KVCOMP_PAIRV", k);
+  return kind == TensorKind::Key ? k : v;
+}
+
 /** The launch plan of a stream: shared memory, slots, grid; `group` query heads per KV head. */
 Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice = true) {
   const Shape& sh = s.header.shape;
@@ -990,6 +1039,8 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
   stageBytes = (stageBytes + 15) / 16 * 16;
   a.n1max = a.mma ? firstLevelMaxBits(kind) : 0;
   a.tableBytes = a.mma && !a.n1max ? kTable32Bytes : kTableBytes;  // with a first level: the u16 table for escapes
+  a.pairBits = a.mma && !a.n1max ? pairBitsOf(kind) : 0;
+  if (a.pairBits) a.tableBytes = kTable32Bytes + kPairFirstBytes;  // 4096 pair entries (= kTableEntries), then the first level
   uint64_t weights = 0;
   if (forProducts)
     weights = kind == TensorKind::Key ? uint64_t(sh.dim) * group * 4 : uint64_t(a.spb) * a.g.block * (group + 1) * 4;
@@ -998,6 +1049,8 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
     weights = kind == TensorKind::Key ? std::max<uint64_t>(weights, frag + 64)
                                       : uint64_t(a.spb) * (2 * frag + 4 * group + 4 + 4 * 32 * (group + 1) + 4ull * a.g.block * group);
   }
+  if (a.pairBits)  // prologue: lengths, sorted symbols and the u16 table of the pair fill
+    stageBytes = std::max<uint64_t>(stageBytes, 3ull * std::max(alphaNeed, kg::kPairAlphabet) + 32 + kTableBytes + 16);
   if (forProducts && kind == TensorKind::Value)  // pvWritePartial's slot sums reuse the staging area
     stageBytes = std::max<uint64_t>(stageBytes, (uint64_t(a.spb) * group * sh.dim * 4 + 15) / 16 * 16);
   a.alphaLimit = uint32_t((stageBytes - 16) / 3);

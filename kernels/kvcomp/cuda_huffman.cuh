@@ -191,6 +191,7 @@ struct Lookup {
   const uint16_t* table;  // full table, 2^L entries
   const uint16_t* t1;     // first level (tableFirstLevel), or nullptr: full table only
   uint32_t L, n1, lane2;  // lane2 = 2 * (lane & 31)
+  bool paired = false;    // tensor-core path: table is tablePairFill's, t1 its first level of n1 bits
 };
 
 /** One code off the top of buf: its symbol and length (a raw w-bit field, or a table lookup). */
@@ -315,6 +316,48 @@ KVC_HD void tableFirstLevel32(uint32_t tid, uint32_t threads, uint32_t L, uint32
   }
 }
 
+// ---- the pair table (tensor-core products, alphabets of at most kPairAlphabet symbols) ---------
+// One lookup decodes two codes: entry e of the 4096-entry table is the 12-bit window e; its low
+// half is fp16(s0 - center) with the length l0 in bits 0..4, its high half fp16(s1 - center)
+// with l1 in bits 16..20 when the second code also fits in the 12 bits (l0 + l1 <= 12), else 0.
+// fp16 of an integer |v| <= 64 has its low five mantissa bits zero, so the lengths ride in those
+// bits and one AND (0xFFE0FFE0) leaves the half2 {s0, s1} that the mma takes. A 2^n1-entry first
+// level holds the pairs that fit in n1 bits (most of them for K: codes of 1-3 bits), so a warp's
+// lookups touch at most 2^n1 / 32 words per bank instead of random words of 4096: ~3.7 instead of
+// ~22 wavefronts per warp and four codes for K at k_rel = 0.05 (kvcomp_t1_emu).
+constexpr uint32_t kPairAlphabet = 128;  // symbols - center within [-64, 64]
+constexpr uint32_t kPairBits = 12;       // the pair table's window
+constexpr uint32_t kPairEntries = 1u << kPairBits;
+
+/**
+ * Phase 5b of the pair path (alphabet <= kPairAlphabet), after tableFill's u16 table `single` of
+ * 2^L entries (symbol << 4 | length): the 4096 pair entries, two reads of `single` each.
+ */
+KVC_HD void tablePairFill(uint32_t tid, uint32_t threads, uint32_t L, const uint16_t* single, int32_t center,
+                          uint32_t* table) {
+  for (uint32_t e = tid; e < kPairEntries; e += threads) {
+    const uint32_t u0 = single[e >> (kPairBits - L)], l0 = u0 & 15u;
+    uint32_t entry = 0;  // 0: no code (an incomplete, corrupt codebook)
+    if (l0) {
+      entry = intToHalfBits(int32_t(u0 >> 4) - center) | l0;
+      const uint32_t u1 = single[((e << l0) & (kPairEntries - 1)) >> (kPairBits - L)], l1 = u1 & 15u;
+      if (l1 && l0 + l1 <= kPairBits) entry |= (intToHalfBits(int32_t(u1 >> 4) - center) | l1) << 16;
+    }
+    table[e] = entry;
+  }
+}
+
+/**
+ * Phase 6 of the pair path (after tablePairFill): the n1-bit first level. A pair that fits in n1
+ * bits as is; else the first code alone (high half 0) when it fits; else 0 (the full table answers).
+ */
+KVC_HD void tablePairFirst(uint32_t tid, uint32_t threads, uint32_t n1, const uint32_t* table, uint32_t* t1) {
+  for (uint32_t i = tid; i < (1u << n1); i += threads) {
+    const uint32_t e = table[i << (kPairBits - n1)], l0 = e & 31u, l1 = (e >> 16) & 31u;
+    t1[i] = l1 && l0 + l1 <= n1 ? e : l0 && l0 <= n1 ? (e & 0xFFFFu) : 0u;
+  }
+}
+
 /** Upper 32 bits of (hi:lo) << (s mod 32) (shf.l.wrap). */
 KVC_HD uint32_t funnelL(uint32_t lo, uint32_t hi, uint32_t s) {
 #ifdef __CUDA_ARCH__
@@ -360,6 +403,17 @@ KVC_HD uint32_t decodePair(const uint32_t* st, uint32_t& p, const uint32_t* tabl
  * window is a select (w0 w1 or w1 w2: two codes advance p by < 32 bits) and the word read for
  * the pair after next is off the dependency chain (one shared-memory latency less per pair).
  */
+/** *ptr when p, else old: a predicated shared-memory load on the device (no branch), a plain select on the host. */
+KVC_HD uint32_t loadIf(bool p, const uint32_t* ptr, uint32_t old) {
+#ifdef __CUDA_ARCH__
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+  asm("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.shared.u32 %0, [%1];\n}\n" : "+r"(old) : "r"(addr), "r"(uint32_t(p)));
+  return old;
+#else
+  return p ? *ptr : old;
+#endif
+}
+
 struct PairReader {
   uint32_t w0, w1, w2, p;
   KVC_HD void start(const uint32_t* st, uint32_t p0) {
@@ -433,6 +487,27 @@ struct PairReader {
     if (!PRED || adv) w2 = st[(pn >> 5) + 2];
     p = pn;
     return packHighHalves(e0, e1);
+  }
+  /**
+   * Two codes from the pair table (tablePairFill) through its first level t1 (tablePairFirst,
+   * 32 - shift1 bits; t1 = table and shift1 = 20 without one): a second lookup only for the lanes
+   * whose window misses the first level, a third only where the pair does not fit in 12 bits.
+   * Returns the half2 {value0, value1}, as next().
+   */
+  template <bool PRED = true>
+  KVC_HD uint32_t nextPaired(const uint32_t* st, const uint32_t* table, const uint32_t* t1, uint32_t shift1) {
+    const uint32_t top = funnelL(w1, w0, p);
+    uint32_t e = t1[top >> shift1];
+    e = loadIf(e == 0u, table + (top >> (32 - kPairBits)), e);
+    const uint32_t e2 = loadIf((e >> 16) == 0u, table + ((top << (e & 31u)) >> (32 - kPairBits)), 0u);
+    e = (e >> 16) == 0u ? (e & 0xFFFFu) | (e2 << 16) : e;
+    const uint32_t pn = p + (e & 31u) + ((e >> 16) & 31u);
+    const bool adv = (pn ^ p) >= 32u;
+    w0 = adv ? w1 : w0;
+    w1 = adv ? w2 : w1;
+    if (!PRED || adv) w2 = st[(pn >> 5) + 2];
+    p = pn;
+    return e & 0xFFE0FFE0u;
   }
 };
 

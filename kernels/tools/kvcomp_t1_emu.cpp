@@ -29,6 +29,8 @@ namespace kg = packkv::kvcomp::gpu;
 
 namespace {
 
+double gPairWf[4];  // pair path at n1 = 6: wavefronts of the first-level, escape and single lookups; warp-pairs
+
 struct Tables {
   std::vector<uint16_t> table = std::vector<uint16_t>(kg::kTableEntries);
   std::vector<uint32_t> t1 = std::vector<uint32_t>(256 * 32);
@@ -197,6 +199,13 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
   for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, lens.data(), A, ts, sorted.data());
   for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, L, ts, sorted.data(), t16.data());
   for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill32(tid, threads, L, ts, sorted.data(), center, t32.data());
+  // the pair table (PACKKV_KVCOMP_PAIR) and its first levels of 6 bits and none (12), when A allows
+  const bool pairOk = A <= kg::kPairAlphabet;
+  std::vector<uint32_t> pt(kg::kPairEntries), pt1(1u << 6);
+  if (pairOk) {
+    for (uint32_t tid = 0; tid < threads; ++tid) kg::tablePairFill(tid, threads, L, t16.data(), center, pt.data());
+    for (uint32_t tid = 0; tid < threads; ++tid) kg::tablePairFirst(tid, threads, 6, pt.data(), pt1.data());
+  }
   for (uint32_t e = 0; e < (1u << L); ++e)  // same codeword; value = symbol - center exactly
     if ((t32[e] & 31) != (t16[e] & 15u) ||
         double(kg::halfBitsToFloat(uint16_t(t32[e] >> 16))) != double(int32_t(t16[e] >> 4) - center))
@@ -281,7 +290,10 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
       float c[4][32][4] = {};  // [MT][lane][reg]
       kg::PairReader rd[32];  // the kernels' reader; decodePair (its plain form) must agree
       kg::PairReader rdF[2][32];  // with the first levels
+      kg::PairReader rdP[2][32];  // the pair table through its 6-bit first level, and alone
       for (uint32_t ln = 0; ln < 32; ++ln) {
+        rdP[0][ln].start(st.data(), pos[ln]);
+        rdP[1][ln].start(st.data(), pos[ln]);
         rd[ln].start(st.data(), pos[ln]);
         rdF[0][ln].start(st.data(), pos[ln]);
         rdF[1][ln].start(st.data(), pos[ln]);
@@ -311,12 +323,39 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
             for (auto& x : lwAll) mx = std::max(mx, x.second.size());
             wfStats[6] += double(mx);
           }
+          if (!raw && pairOk) {  // wavefronts of the pair path at n1 = 6: first level, escapes, singles
+            std::map<uint32_t, std::set<uint32_t>> m[3];
+            for (uint32_t ln = 0; ln < 32; ++ln) {
+              const kg::PairReader q = rdP[0][ln];
+              const uint32_t top = kg::funnelL(q.w1, q.w0, q.p);
+              uint32_t e = pt1[top >> 26];
+              m[0][(top >> 26) & 31].insert(top >> 26);
+              if (e == 0) e = pt[top >> 20], m[1][(top >> 20) & 31].insert(top >> 20);
+              if ((e >> 16) == 0) {
+                const uint32_t i2 = (top << (e & 31)) >> 20;
+                m[2][i2 & 31].insert(i2);
+              }
+            }
+            for (int k = 0; k < 3; ++k) {
+              size_t mx = 0;
+              for (auto& x : m[k]) mx = std::max(mx, x.second.size());
+              gPairWf[k] += double(mx);
+            }
+            gPairWf[3] += 1.0;
+          }
           for (uint32_t ln = 0; ln < 32; ++ln) {
             bb[ln][r] = raw ? rd[ln].next<true>(st.data(), t32.data(), shiftR, w, center)
                             : rd[ln].next<false>(st.data(), t32.data(), shiftR, w, center);
             const uint32_t plain = raw ? kg::decodePair<true>(st.data(), pos[ln], t32.data(), shiftR, w, center)
                                        : kg::decodePair<false>(st.data(), pos[ln], t32.data(), shiftR, w, center);
             if (plain != bb[ln][r] || pos[ln] != rd[ln].p) tableOk = false;
+            if (!raw && pairOk) {
+              const uint32_t g6 = rdP[0][ln].nextPaired(st.data(), pt.data(), pt1.data(), 26);
+              const uint32_t g12 = rdP[1][ln].nextPaired(st.data(), pt.data(), pt.data(), 20);
+              if (g6 != plain || g12 != plain || rdP[0][ln].p != rd[ln].p || rdP[1][ln].p != rd[ln].p) tableOk = false;
+            } else {
+              rdP[0][ln] = rdP[1][ln] = rd[ln];
+            }
             if (!raw)
               for (int f = 0; f < 2; ++f) {
                 // escapes of this pair, for the wavefront count (u16 words among escaping lanes)
@@ -451,6 +490,8 @@ int main(int argc, char** argv) {
       }
     }
   }
+  std::printf("pair table (n1 = 6), wavefronts per warp-pair over all mma cases: first level %.2f, escapes %.2f, second codes %.2f\n",
+              gPairWf[0] / gPairWf[3], gPairWf[1] / gPairWf[3], gPairWf[2] / gPairWf[3]);
   allOk &= mmaOk;
   std::printf(allOk ? "all bit-identical\n" : "MISMATCHES\n");
   return allOk ? 0 : 1;
