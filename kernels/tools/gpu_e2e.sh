@@ -21,5 +21,7 @@ export PACKKV_ADDON=/tmp/b/packkv_native.node
 node -e "const n=require(process.env.PACKKV_ADDON); console.log(JSON.stringify(n.backends()), n.gpuCodecs())"
 node node_modules/vitest/vitest.mjs run test/gpu.test.ts > "$out/gpu-tests.log" 2>&1; echo "gpu tests rc=$?"; grep -E "✓|×|Tests|FAIL|Error" "$out/gpu-tests.log" | head -30
 node bin/packkv.js bench --device auto --results "$out/res" --no-progress > "$out/bench-gpu.txt" 2>&1; echo "bench rc=$?"; tail -14 "$out/bench-gpu.txt"
-/tmp/b/packkv_gpubench "$out/gb/gpu-all-h100.jsonl" "$@" > "$out/gb/gpubench.log" 2>&1; echo "gpubench rc=$?"
+# the commit for the records: PACKKV_COMMIT, or .gpucarry/commit (git rev-parse --short HEAD > .gpucarry/commit here)
+commit=${PACKKV_COMMIT:-$(cat .gpucarry/commit 2>/dev/null || echo unknown)}
+/tmp/b/packkv_gpubench "$out/gb/gpu-all-h100.jsonl" --commit "$commit" "$@" > "$out/gb/gpubench.log" 2>&1; echo "gpubench rc=$?"
 grep -E "^\||FAIL|copy|error|checks" "$out/gb/gpubench.log" | head -80
