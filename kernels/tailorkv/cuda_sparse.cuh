@@ -268,15 +268,23 @@ __device__ inline uint32_t warpAppend(uint32_t* counter, bool take) {
   return base + uint32_t(__popc(m & ((1u << laneId()) - 1u)));
 }
 
-/** True in every thread of the block for the last of `blocks` blocks to arrive at counter. */
+/**
+ * True in every thread of the block for the last of `blocks` blocks to arrive at counter. The
+ * block's global writes are ordered before the arrive by the barrier and one cumulative fence in
+ * thread 0 (the grid-sync pattern), and the last block's reads after it by thread 0's second
+ * fence and the barrier. Was: a fence in every thread, which ncu showed as 37-42% of selectKernel's
+ * stall samples at 4k and 32k tokens (MEMBAR.SC.GPU waiting behind the block's score stores).
+ */
 __device__ inline bool lastBlockDone(uint32_t* counter, uint32_t blocks, bool* sLast) {
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) *sLast = atomicAdd(counter, 1u) == blocks - 1;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const bool last = atomicAdd(counter, 1u) == blocks - 1;
+    if (last) __threadfence();
+    *sLast = last;
+  }
   __syncthreads();
-  if (!*sLast) return false;
-  __threadfence();
-  return true;
+  return *sLast;
 }
 
 /**
@@ -561,21 +569,22 @@ __device__ void radixSelect(const QkArgs& a, uint32_t h, uint32_t n, uint32_t ne
 template <bool Vec>
 __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ uint32_t sCount;
+  __shared__ uint32_t sCount, sCand;
   __shared__ bool sLast;
   const uint32_t h = blockIdx.y, D = a.D, M = a.M;
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");  // scoreKernel complete (a no-op without PDL)
 #endif
-  uint32_t* list = reinterpret_cast<uint32_t*>(smem);  // [selChunk]: this block's selected and candidate tokens
-  uint32_t* slots = list + a.selChunk;                  // [selChunk]: ~0u, or the candidate's slot
+  // [selChunk]: this block's selected tokens from the front, its candidates from the back
+  uint32_t* list = reinterpret_cast<uint32_t*>(smem);
+  uint32_t* slots = list + a.selChunk;  // [selChunk]: the candidates' slots, at their list positions
   unsigned char* work = smem + (size_t(a.selChunk) * 8 + 15) / 16 * 16;
   const int32_t* bd = a.bound + 4 * h;
   const int32_t boundary = bd[0];
   const uint32_t above = uint32_t(bd[1]), C = uint32_t(bd[3]);
   const uint32_t* chans = a.chans + size_t(h) * D;
   const double* qsel = a.qsel + size_t(h) * D;
-  if (threadIdx.x == 0) sCount = 0;
+  if (threadIdx.x == 0) sCount = 0, sCand = 0;
   __syncthreads();
   const uint32_t m0 = blockIdx.x * a.selChunk, m1 = min(M, m0 + a.selChunk);
   const uint16_t* binsIn = a.bins + size_t(h) * M;
@@ -587,8 +596,7 @@ __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
       const int32_t b = int32_t(halfAt(v, j));
       if (j >= valid) continue;
       if (b > boundary) {
-        const uint32_t at = atomicAdd(&sCount, 1u);
-        list[at] = m + j, slots[at] = ~0u;
+        list[atomicAdd(&sCount, 1u)] = m + j;
       } else if (b == boundary) {  // rare: recompute the approximate score for its full key
         double acc = 0.0;
         for (uint32_t i = 0; i < C; ++i)
@@ -596,14 +604,20 @@ __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
         const uint32_t slot = atomicAdd(&a.counters[4 * h + 2], 1u);
         a.candKey[0][size_t(h) * M + slot] = orderedKey(acc);
         a.candIdx[0][size_t(h) * M + slot] = m + j;
-        const uint32_t at = atomicAdd(&sCount, 1u);  // exact scores ahead of the selection
+        const uint32_t at = a.selChunk - 1 - atomicAdd(&sCand, 1u);
         list[at] = m + j, slots[at] = slot;
       }
     }
   }
   __syncthreads();
-  exactRows(a, h, list, 0, sCount, reinterpret_cast<float*>(work), slots);
-  if (!lastBlockDone(&a.counters[4 * h + 1], a.selChunks, &sLast)) return;
+  const uint32_t nSel = sCount, nCand = sCand, c0 = a.selChunk - nCand;
+  // The candidates' exact scores (for the last block) before the arrive, the selected tokens' after
+  // it: the arrive's fence then waits only for the few candidate stores.
+  exactRows(a, h, list + c0, 0, nCand, reinterpret_cast<float*>(work), slots + c0);
+  const bool last = lastBlockDone(&a.counters[4 * h + 1], a.selChunks, &sLast);
+  exactRows(a, h, list, 0, nSel, reinterpret_cast<float*>(work));
+  if (!last) return;
+  __syncthreads();  // exactRows' last reads of `work` before the ranking reuses it
   const uint32_t need = a.k - above, n = __ldcg(&a.counters[4 * h + 2]), G = a.G;
   const float* cx = a.candExact + size_t(h) * M * G;
   auto emit = [&](uint32_t slot, uint32_t token) {  // a winner's exact scores, computed by its block
@@ -726,12 +740,7 @@ __global__ void __launch_bounds__(kPvThreads) pvKernel(PvArgs a) {
     for (int w = 0; w < W; ++w) s += red[w][i];
     mine[i] = s;
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == a.splits - 1;
-  __syncthreads();
-  if (!sLast) return;
-  __threadfence();
+  if (!lastBlockDone(&a.counters[h], a.splits, &sLast)) return;
   const float* all = a.partial + size_t(h) * a.splits * G * D;
   for (uint32_t i = threadIdx.x; i < uint32_t(G * D); i += blockDim.x) {
     float s = 0.f;
