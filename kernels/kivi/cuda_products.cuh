@@ -279,18 +279,13 @@ __device__ void pvResidual(const PvArgs& a, int h, int split, int slots) {
  *  partials in order (deterministic), writes the output and resets the counter for the next launch. */
 template <int NR>
 __device__ void pvFinish(const PvArgs& a, int h, int blocks, int slots) {
-  // The block's partial stores are ordered before the arrive by the barrier and one cumulative
-  // fence in thread 0 (the grid-sync pattern; was a fence in every thread), the last block's
-  // reads after it by thread 0's second fence and the barrier.
+  __threadfence();
   __shared__ bool last;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&a.counters[h], 1u) == unsigned(blocks - 1);
-    if (last) __threadfence();
-  }
+  if (threadIdx.x == 0) last = atomicAdd(&a.counters[h], 1u) == unsigned(blocks - 1);
   __syncthreads();
   if (!last) return;
+  __threadfence();
   // The last block's serial pass over all slots was a chain of L2 round trips (72 slots at 128k
   // tokens): now 4 outputs per thread (16-byte loads), the slots split into `parts` contiguous
   // ranges, kFinishBatch loads in flight before any is added, the ranges added in order through

@@ -357,16 +357,12 @@ __device__ __forceinline__ void pvFinish(const Args& a, const float* sAcc, int D
     for (int w = 0; w < kWarps; ++w) sum += sAcc[w * NR * D + idx];
     dst[idx] = sum;
   }
-  // ordered before the arrive by the barrier and one cumulative fence in thread 0 (the grid-sync
-  // pattern; was a fence in every thread), the last block's reads after it by thread 0's second fence
+  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    sLast = atomicAdd(&a.counters[h], 1u) == unsigned(a.splits - 1);
-    if (sLast) __threadfence();
-  }
+  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == unsigned(a.splits - 1);
   __syncthreads();
   if (!sLast) return;
+  __threadfence();
   const float* part = a.partial + size_t(h) * a.splits * NR * D;
   for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
     float sum = 0.f;

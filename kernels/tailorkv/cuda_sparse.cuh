@@ -268,23 +268,15 @@ __device__ inline uint32_t warpAppend(uint32_t* counter, bool take) {
   return base + uint32_t(__popc(m & ((1u << laneId()) - 1u)));
 }
 
-/**
- * True in every thread of the block for the last of `blocks` blocks to arrive at counter. The
- * block's global writes are ordered before the arrive by the barrier and one cumulative fence in
- * thread 0 (the grid-sync pattern), and the last block's reads after it by thread 0's second
- * fence and the barrier. Was: a fence in every thread, which ncu showed as 37-42% of selectKernel's
- * stall samples at 4k and 32k tokens (MEMBAR.SC.GPU waiting behind the block's score stores).
- */
+/** True in every thread of the block for the last of `blocks` blocks to arrive at counter. */
 __device__ inline bool lastBlockDone(uint32_t* counter, uint32_t blocks, bool* sLast) {
+  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const bool last = atomicAdd(counter, 1u) == blocks - 1;
-    if (last) __threadfence();
-    *sLast = last;
-  }
+  if (threadIdx.x == 0) *sLast = atomicAdd(counter, 1u) == blocks - 1;
   __syncthreads();
-  return *sLast;
+  if (!*sLast) return false;
+  __threadfence();
+  return true;
 }
 
 /**
@@ -569,22 +561,21 @@ __device__ void radixSelect(const QkArgs& a, uint32_t h, uint32_t n, uint32_t ne
 template <bool Vec>
 __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ uint32_t sCount, sCand;
+  __shared__ uint32_t sCount;
   __shared__ bool sLast;
   const uint32_t h = blockIdx.y, D = a.D, M = a.M;
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");  // scoreKernel complete (a no-op without PDL)
 #endif
-  // [selChunk]: this block's selected tokens from the front, its candidates from the back
-  uint32_t* list = reinterpret_cast<uint32_t*>(smem);
-  uint32_t* slots = list + a.selChunk;  // [selChunk]: the candidates' slots, at their list positions
+  uint32_t* list = reinterpret_cast<uint32_t*>(smem);  // [selChunk]: this block's selected and candidate tokens
+  uint32_t* slots = list + a.selChunk;                  // [selChunk]: ~0u, or the candidate's slot
   unsigned char* work = smem + (size_t(a.selChunk) * 8 + 15) / 16 * 16;
   const int32_t* bd = a.bound + 4 * h;
   const int32_t boundary = bd[0];
   const uint32_t above = uint32_t(bd[1]), C = uint32_t(bd[3]);
   const uint32_t* chans = a.chans + size_t(h) * D;
   const double* qsel = a.qsel + size_t(h) * D;
-  if (threadIdx.x == 0) sCount = 0, sCand = 0;
+  if (threadIdx.x == 0) sCount = 0;
   __syncthreads();
   const uint32_t m0 = blockIdx.x * a.selChunk, m1 = min(M, m0 + a.selChunk);
   const uint16_t* binsIn = a.bins + size_t(h) * M;
@@ -596,7 +587,8 @@ __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
       const int32_t b = int32_t(halfAt(v, j));
       if (j >= valid) continue;
       if (b > boundary) {
-        list[atomicAdd(&sCount, 1u)] = m + j;
+        const uint32_t at = atomicAdd(&sCount, 1u);
+        list[at] = m + j, slots[at] = ~0u;
       } else if (b == boundary) {  // rare: recompute the approximate score for its full key
         double acc = 0.0;
         for (uint32_t i = 0; i < C; ++i)
@@ -604,20 +596,14 @@ __global__ void __launch_bounds__(kQkThreads) selectKernel(QkArgs a) {
         const uint32_t slot = atomicAdd(&a.counters[4 * h + 2], 1u);
         a.candKey[0][size_t(h) * M + slot] = orderedKey(acc);
         a.candIdx[0][size_t(h) * M + slot] = m + j;
-        const uint32_t at = a.selChunk - 1 - atomicAdd(&sCand, 1u);
+        const uint32_t at = atomicAdd(&sCount, 1u);  // exact scores ahead of the selection
         list[at] = m + j, slots[at] = slot;
       }
     }
   }
   __syncthreads();
-  const uint32_t nSel = sCount, nCand = sCand, c0 = a.selChunk - nCand;
-  // The candidates' exact scores (for the last block) before the arrive, the selected tokens' after
-  // it: the arrive's fence then waits only for the few candidate stores.
-  exactRows(a, h, list + c0, 0, nCand, reinterpret_cast<float*>(work), slots + c0);
-  const bool last = lastBlockDone(&a.counters[4 * h + 1], a.selChunks, &sLast);
-  exactRows(a, h, list, 0, nSel, reinterpret_cast<float*>(work));
-  if (!last) return;
-  __syncthreads();  // exactRows' last reads of `work` before the ranking reuses it
+  exactRows(a, h, list, 0, sCount, reinterpret_cast<float*>(work), slots);
+  if (!lastBlockDone(&a.counters[4 * h + 1], a.selChunks, &sLast)) return;
   const uint32_t need = a.k - above, n = __ldcg(&a.counters[4 * h + 2]), G = a.G;
   const float* cx = a.candExact + size_t(h) * M * G;
   auto emit = [&](uint32_t slot, uint32_t token) {  // a winner's exact scores, computed by its block
@@ -740,7 +726,12 @@ __global__ void __launch_bounds__(kPvThreads) pvKernel(PvArgs a) {
     for (int w = 0; w < W; ++w) s += red[w][i];
     mine[i] = s;
   }
-  if (!lastBlockDone(&a.counters[h], a.splits, &sLast)) return;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == a.splits - 1;
+  __syncthreads();
+  if (!sLast) return;
+  __threadfence();
   const float* all = a.partial + size_t(h) * a.splits * G * D;
   for (uint32_t i = threadIdx.x; i < uint32_t(G * D); i += blockDim.x) {
     float s = 0.f;
