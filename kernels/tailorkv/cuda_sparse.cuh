@@ -268,22 +268,15 @@ __device__ inline uint32_t warpAppend(uint32_t* counter, bool take) {
   return base + uint32_t(__popc(m & ((1u << laneId()) - 1u)));
 }
 
-/**
- * True in every thread of the block for the last of `blocks` blocks to arrive at counter. The
- * block's global writes are ordered before the arrive by the barrier and one cumulative fence in
- * thread 0 (the grid-sync pattern), the last block's reads after it by thread 0's second fence and
- * the barrier (was: a fence in every thread).
- */
+/** True in every thread of the block for the last of `blocks` blocks to arrive at counter. */
 __device__ inline bool lastBlockDone(uint32_t* counter, uint32_t blocks, bool* sLast) {
+  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    const bool last = atomicAdd(counter, 1u) == blocks - 1;
-    if (last) __threadfence();
-    *sLast = last;
-  }
+  if (threadIdx.x == 0) *sLast = atomicAdd(counter, 1u) == blocks - 1;
   __syncthreads();
-  return *sLast;
+  if (!*sLast) return false;
+  __threadfence();
+  return true;
 }
 
 /**
