@@ -254,7 +254,7 @@ void qkSparse(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t 
   a.chunk = chunkOf(a.M, a.H, a.devBlocks, scoreSmem), a.chunks = (a.M + a.chunk - 1) / a.chunk;
   sp::qkWorkspaceSplit(a, static_cast<uint8_t*>(l.workspace) + kFlagBytes);
   const uint32_t scoreBlocks = a.devBlocks + (a.M > 0 ? a.chunks : 0);
-  static const bool pdl = [] {  // programmatic dependent launch of selectKernel: PACKKV_TAILORKV_PDL=1 (unmeasured)
+  static const bool pdl = [] {  // programmatic dependent launch of selectKernel: PACKKV_TAILORKV_PDL=1 (H100: no change, docs/kernels.md #5)
     const char* v = std::getenv("PACKKV_TAILORKV_PDL");
     return v && std::string(v) == "1";
   }();
