@@ -450,6 +450,15 @@ struct PairReader {
     }
     return e;
   }
+  /** Moves the window to bit pn (< p + 32): PRED reads the next word only where it moved (see next()). */
+  template <bool PRED>
+  KVC_HD void advance(const uint32_t* st, uint32_t pn) {
+    const bool adv = (pn ^ p) >= 32u;
+    w0 = adv ? w1 : w0;
+    w1 = adv ? w2 : w1;
+    if (!PRED || adv) w2 = st[(pn >> 5) + 2];
+    p = pn;
+  }
   /**
    * PRED: the next word is read only by lanes whose window advances (w2 = st[p/32 + 2] is the
    * same word otherwise): a warp's window load then costs the wavefronts of the few advancing
@@ -480,12 +489,7 @@ struct PairReader {
       e0 = table[top >> shiftR];
       e1 = table[funnelL(0, top, e0) >> shiftR];
     }
-    const uint32_t pn = p + ((e0 + e1) & 31);
-    const bool adv = (pn ^ p) >= 32u;
-    w0 = adv ? w1 : w0;
-    w1 = adv ? w2 : w1;
-    if (!PRED || adv) w2 = st[(pn >> 5) + 2];
-    p = pn;
+    advance<PRED>(st, p + ((e0 + e1) & 31));
     return packHighHalves(e0, e1);
   }
   /**
@@ -501,12 +505,7 @@ struct PairReader {
     e = loadIf(e == 0u, table + (top >> (32 - kPairBits)), e);
     const uint32_t e2 = loadIf((e >> 16) == 0u, table + ((top << (e & 31u)) >> (32 - kPairBits)), 0u);
     e = (e >> 16) == 0u ? (e & 0xFFFFu) | (e2 << 16) : e;
-    const uint32_t pn = p + (e & 31u) + ((e >> 16) & 31u);
-    const bool adv = (pn ^ p) >= 32u;
-    w0 = adv ? w1 : w0;
-    w1 = adv ? w2 : w1;
-    if (!PRED || adv) w2 = st[(pn >> 5) + 2];
-    p = pn;
+    advance<PRED>(st, p + (e & 31u) + ((e >> 16) & 31u));
     return e & 0xFFE0FFE0u;
   }
 };
