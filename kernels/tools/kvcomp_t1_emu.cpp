@@ -433,6 +433,22 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
   return ref > 0 ? std::sqrt(err / ref) : std::sqrt(err);
 }
 
+/** The CPU stream of one tensor of `in` under `spec`, its view and its CPU decode. */
+struct Encoded {
+  std::vector<uint8_t> stream;
+  StreamView view;
+  std::vector<float> ref;
+};
+Encoded encodeAndDecode(const char* spec, TensorKind kind, const bench::Inputs& in, const Shape& s) {
+  Encoded e;
+  const std::vector<float>& x = kind == TensorKind::Key ? in.keys : in.values;
+  e.stream = encodeStream(parseSpec(spec), kind, x.data(), s, nullptr);
+  e.view = openStream(e.stream.data(), e.stream.size());
+  e.ref.resize(s.elements());
+  decodeStream(e.view, e.ref.data());
+  return e;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -446,12 +462,9 @@ int main(int argc, char** argv) {
                              "kvcomp:k_block=256,k_recent=512,v_block=256,v_recent=256"}) {
       if (dim != 128 && std::strchr(spec, 'b')) continue;
       for (TensorKind kind : {TensorKind::Key, TensorKind::Value}) {
-        ParsedSpec ps = parseSpec(spec);
-        const std::vector<float>& x = kind == TensorKind::Key ? in.keys : in.values;
-        std::vector<uint8_t> stream = encodeStream(ps, kind, x.data(), s, nullptr);
-        StreamView v = openStream(stream.data(), stream.size());
-        std::vector<float> ref(s.elements());
-        decodeStream(v, ref.data());
+        const Encoded e = encodeAndDecode(spec, kind, in, s);
+        const StreamView& v = e.view;
+        const std::vector<float>& ref = e.ref;
         std::printf("dim %3u %-72s %s:", dim, spec, kindName(kind));
         for (uint32_t n1 : {0u, 1u, 4u, 6u, 7u, 8u}) {
           Result r = run(v, ref, n1);
@@ -471,12 +484,9 @@ int main(int argc, char** argv) {
     for (const char* spec : {"kvcomp", "kvcomp:k_rel=0.01,v_rel=0.01", "kvcomp:k_rel=0.001,v_rel=0.003",
                              "kvcomp:k_rel=0.3,v_rel=0.9,k_block=32,k_recent=64", "kvcomp:k_block=256,k_recent=512"}) {
       for (TensorKind kind : {TensorKind::Key, TensorKind::Value}) {
-        ParsedSpec ps = parseSpec(spec);
-        const std::vector<float>& x = kind == TensorKind::Key ? in.keys : in.values;
-        std::vector<uint8_t> stream = encodeStream(ps, kind, x.data(), s, nullptr);
-        StreamView v = openStream(stream.data(), stream.size());
-        std::vector<float> ref(s.elements());
-        decodeStream(v, ref.data());
+        const Encoded e = encodeAndDecode(spec, kind, in, s);
+        const StreamView& v = e.view;
+        const std::vector<float>& ref = e.ref;
         bool tableOk = true;
         double wf[9] = {};
         const double rel = mmaRun(v, ref, in, G, tableOk, wf);
