@@ -101,14 +101,17 @@ describe.skipIf(!cuda.usable)(`GPU kernels match the CPU reference${skipReason}`
       await nat.gpuRun('encode', ev.stream, x, 1, 1, 1);
       const g = await nat.gpuRun('decode', ek.stream, null, 1, 1, 1);
       expect(Buffer.from(g.result.buffer).equals(Buffer.from((await nat.decode(ek.stream)).buffer))).toBe(true);
-      // The token selection runs in double in the CPU's order: the scores must be identical.
-      const q = asF16(filled(2 * 8 * 128, () => r()));
-      const gs = await nat.gpuRun('qk', ek.stream, q, 8, 2, 1);
-      expect(Buffer.from(gs.result.buffer).equals(Buffer.from((await nat.qk(ek.stream, q, 8, 2)).buffer))).toBe(true);
-      // A zero query: every approximate score ties, the selection is by index alone (radix path).
-      const q0 = new Float32Array(2 * 8 * 128);
-      const gz = await nat.gpuRun('qk', ek.stream, q0, 8, 2, 1);
-      expect(Buffer.from(gz.result.buffer).equals(Buffer.from((await nat.qk(ek.stream, q0, 8, 2)).buffer))).toBe(true);
+      // The token selection runs in double in the CPU's order: the scores must be identical. The
+      // default spec also runs GQA groups 1 and 8 (2 and 16 query heads).
+      for (const qh of spec === 'tailorkv:mode=s' ? [2, 8, 16] : [8]) {
+        const q = asF16(filled(2 * qh * 128, () => r()));
+        const gs = await nat.gpuRun('qk', ek.stream, q, qh, 2, 1);
+        expect(Buffer.from(gs.result.buffer).equals(Buffer.from((await nat.qk(ek.stream, q, qh, 2)).buffer))).toBe(true);
+        // A zero query: every approximate score ties, the selection is by index alone (radix path).
+        const q0 = new Float32Array(2 * qh * 128);
+        const gz = await nat.gpuRun('qk', ek.stream, q0, qh, 2, 1);
+        expect(Buffer.from(gz.result.buffer).equals(Buffer.from((await nat.qk(ek.stream, q0, qh, 2)).buffer))).toBe(true);
+      }
       const p = asF16(filled(2 * 8 * 4096, (i) => (i % 3 === 0 ? 0 : Math.abs(r()) / 3000)));
       expect(relDiff((await nat.gpuRun('pv', ev.stream, p, 8, 2, 1)).result, await nat.pv(ev.stream, p, 8, 2))).toBeLessThan(1e-5);
     }

@@ -20,6 +20,9 @@ echo "build: $(( $(date +%s) - t0 )) s"
 export PACKKV_ADDON=/tmp/b/packkv_native.node
 node -e "const n=require(process.env.PACKKV_ADDON); console.log(JSON.stringify(n.backends()), n.gpuCodecs())"
 node node_modules/vitest/vitest.mjs run test/gpu.test.ts > "$out/gpu-tests.log" 2>&1; echo "gpu tests rc=$?"; grep -E "✓|×|Tests|FAIL|Error" "$out/gpu-tests.log" | head -30
+# the opt-in TailorKV one-launch q·Kᵀ (thread-block clusters) against the CPU as well
+PACKKV_TAILORKV_CLUSTER=8 node node_modules/vitest/vitest.mjs run test/gpu.test.ts -t "mode=s" > "$out/gpu-tests-cluster.log" 2>&1
+echo "gpu tests, PACKKV_TAILORKV_CLUSTER=8: rc=$?"; grep -E "×|Tests|FAIL" "$out/gpu-tests-cluster.log" | head -10
 node bin/packkv.js bench --device auto --results "$out/res" --no-progress > "$out/bench-gpu.txt" 2>&1; echo "bench rc=$?"; tail -14 "$out/bench-gpu.txt"
 # the commit for the records: PACKKV_COMMIT, or .gpucarry/commit (git rev-parse --short HEAD > .gpucarry/commit here)
 commit=${PACKKV_COMMIT:-$(cat .gpucarry/commit 2>/dev/null || echo unknown)}
