@@ -12,7 +12,7 @@
 // launches per query step over all KV and query heads (approximate channel scoring in double with
 // a linear-bin histogram; then the top-`budget` select with the CPU's tie rule; exact scores of
 // the device and selected rows, kMaskedScore elsewhere), or one launch of thread-block clusters
-// where PACKKV_TAILORKV_CLUSTER asks for it (clusterSizeOf); p·V is one launch reading the device rows and the offloaded rows
+// where PACKKV_TAILORKV_CLUSTER asks for it (clusterPlanOf); p·V is one launch reading the device rows and the offloaded rows
 // with p != 0. Limits beyond cpu.cpp's check(): head_dim <= 1024 (q·Kᵀ, encode), head_dim 64 or
 // 128 and 1/2/4/8 query heads per KV head (p·V), at most 8 query heads per KV head (q·Kᵀ).
 #include <cuda_fp16.h>
@@ -133,7 +133,7 @@ uint32_t chunkOf(uint32_t M, uint32_t H, uint32_t devBlocks, size_t smem) {
 }
 
 /**
- * Cluster size of the one-launch q·Kᵀ (sp::clusterKernel) for M offloaded tokens, or 0 for the two
+ * The plan of the one-launch q·Kᵀ (sp::clusterKernel) for M offloaded tokens, or size 0 for the two
  * launches. Opt-in: `PACKKV_TAILORKV_CLUSTER` = 2/4/8/16 sets the cluster size (16 is a
  * non-portable size), unset or 0 keeps the two launches; on the H100 the cluster path was 8% faster
  * at 4k tokens, even at 32k and slower from 64k (docs/kernels.md, TailorKV #6). It needs the kernel
@@ -141,7 +141,25 @@ uint32_t chunkOf(uint32_t M, uint32_t H, uint32_t devBlocks, size_t smem) {
  * at most `PACKKV_TAILORKV_CLUSTER_TOKENS` offloaded tokens (default 65536) and ≤ 200 KB of shared
  * memory per block.
  */
-uint32_t clusterSizeOf(uint32_t M, uint32_t devTokens, uint32_t H, uint32_t D, uint32_t G, bool vec) {
+/** clusterKernel's launch: cluster size (0: the two launches), tokens and list rows per block, shared memory. */
+struct ClusterPlan {
+  uint32_t size = 0, chunk = 0, listCap = 0;
+  size_t smem = 0;
+};
+
+/** The launch configuration of plan p: grid (size, H) in clusters of `size` blocks; attr must outlive it. */
+cudaLaunchConfig_t clusterLaunch(const ClusterPlan& p, uint32_t H, cudaStream_t st, cudaLaunchAttribute& attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(p.size, H), cfg.blockDim = dim3(sp::kClusterThreads), cfg.dynamicSmemBytes = p.smem;
+  cfg.stream = st;
+  attr = cudaLaunchAttribute{};
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = p.size, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
+  cfg.attrs = &attr, cfg.numAttrs = 1;
+  return cfg;
+}
+
+ClusterPlan clusterPlanOf(uint32_t M, uint32_t devTokens, uint32_t H, uint32_t D, uint32_t G, bool vec) {
   static const uint32_t size = [] {
     const char* v = std::getenv("PACKKV_TAILORKV_CLUSTER");
     const long n = v ? std::strtol(v, nullptr, 10) : 0;
@@ -151,7 +169,7 @@ uint32_t clusterSizeOf(uint32_t M, uint32_t devTokens, uint32_t H, uint32_t D, u
     const char* v = std::getenv("PACKKV_TAILORKV_CLUSTER_TOKENS");
     return v ? uint64_t(std::strtoull(v, nullptr, 10)) : uint64_t(65536);
   }();
-  if (size == 0 || M == 0 || H == 0 || M > maxTokens) return 0;
+  if (size == 0 || M == 0 || H == 0 || M > maxTokens) return {};
   const auto fn = vec ? sp::clusterKernel<true> : sp::clusterKernel<false>;
   static int binary = -1;
   if (binary < 0) {
@@ -159,22 +177,19 @@ uint32_t clusterSizeOf(uint32_t M, uint32_t devTokens, uint32_t H, uint32_t D, u
     PACKKV_CUDA_CHECK(cudaFuncGetAttributes(&fa, sp::clusterKernel<true>));
     binary = fa.binaryVersion;
   }
-  if (binary < 90) return 0;
-  const uint32_t chunk = ((M + size - 1) / size + 7) / 8 * 8, listCap = chunk + (devTokens + size - 1) / size;
-  if (chunk > sp::kClusterChunkMax) return 0;
-  const size_t smem = sp::clusterSmemOf(chunk, listCap, D, G).total;
-  if (smem > (200u << 10)) return 0;
-  PACKKV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  if (binary < 90) return {};
+  ClusterPlan p;
+  p.size = size, p.chunk = ((M + size - 1) / size + 7) / 8 * 8, p.listCap = p.chunk + (devTokens + size - 1) / size;
+  if (p.chunk > sp::kClusterChunkMax) return {};
+  p.smem = sp::clusterSmemOf(p.chunk, p.listCap, D, G).total;
+  if (p.smem > (200u << 10)) return {};
+  PACKKV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
   if (size > 8) PACKKV_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(size, H), cfg.blockDim = dim3(sp::kClusterThreads), cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr{};
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = size, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-  cfg.attrs = &attr, cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = clusterLaunch(p, H, nullptr, attr);
   int clusters = 0;
   PACKKV_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, fn, &cfg));
-  return clusters > 0 ? size : 0;
+  return clusters > 0 ? p : ClusterPlan{};
 }
 
 using PvFn = void (*)(sp::PvArgs);
@@ -299,18 +314,12 @@ void qkSparse(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t 
   }
   a.chunk = chunkOf(a.M, a.H, a.devBlocks, scoreSmem), a.chunks = (a.M + a.chunk - 1) / a.chunk;
   sp::qkWorkspaceSplit(a, static_cast<uint8_t*>(l.workspace) + kFlagBytes);
-  const uint32_t cluster = a.k > 0 ? clusterSizeOf(a.M, a.devTokens, a.H, a.D, G, vec) : 0;
-  if (cluster > 0) {  // one launch: a cluster of blocks per KV head
+  const ClusterPlan cluster = a.k > 0 ? clusterPlanOf(a.M, a.devTokens, a.H, a.D, G, vec) : ClusterPlan{};
+  if (cluster.size > 0) {  // one launch: a cluster of blocks per KV head
     sp::QkArgs c = a;
-    c.chunk = ((a.M + cluster - 1) / cluster + 7) / 8 * 8, c.chunks = cluster;
-    c.listCap = c.chunk + (a.devTokens + cluster - 1) / cluster;
-    cudaLaunchConfig_t cfg{};
-    cfg.gridDim = dim3(cluster, a.H), cfg.blockDim = dim3(sp::kClusterThreads);
-    cfg.dynamicSmemBytes = sp::clusterSmemOf(c.chunk, c.listCap, a.D, G).total, cfg.stream = l.stream;
-    cudaLaunchAttribute attr{};
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = cluster, attr.val.clusterDim.y = 1, attr.val.clusterDim.z = 1;
-    cfg.attrs = &attr, cfg.numAttrs = 1;
+    c.chunk = cluster.chunk, c.chunks = cluster.size, c.listCap = cluster.listCap;
+    cudaLaunchAttribute attr;
+    const cudaLaunchConfig_t cfg = clusterLaunch(cluster, a.H, l.stream, attr);
     const auto fn = vec ? sp::clusterKernel<true> : sp::clusterKernel<false>;
     for (uint32_t n = 0; n < nq; ++n) {
       c.q = reinterpret_cast<const __half*>(q) + size_t(n) * qHeads * sh.dim;
