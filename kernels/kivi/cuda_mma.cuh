@@ -54,12 +54,8 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
  */
 __device__ __forceinline__ void mma16816Add(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                             uint32_t b0, uint32_t b1) {
-  float d[4];
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%10,%10,%10,%10};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(0.f));
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  mma16816(d, a0, a1, a2, a3, b0, b1);
 #pragma unroll
   for (int i = 0; i < 4; ++i) c[i] = __fadd_rn(c[i], d[i]);
 }
