@@ -5,6 +5,7 @@
 // term:  Σ x·(c·s + m) = Σ (x·s)·f·2^b + Σ x·(m - 2^b·s),  f = 1 + c·2^-b,
 // so each element costs one shift, one LOP3 and one FFMA per query head, all in fp32.
 #pragma once
+#include "common/last_block.cuh"
 #include "kivi/cuda_util.cuh"
 
 namespace packkv::kivi {
@@ -279,13 +280,8 @@ __device__ void pvResidual(const PvArgs& a, int h, int split, int slots) {
  *  partials in order (deterministic), writes the output and resets the counter for the next launch. */
 template <int NR>
 __device__ void pvFinish(const PvArgs& a, int h, int blocks, int slots) {
-  __threadfence();
   __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&a.counters[h], 1u) == unsigned(blocks - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (!gpu::lastBlockDone(&a.counters[h], unsigned(blocks), &last)) return;
   // The last block's serial pass over all slots was a chain of L2 round trips (72 slots at 128k
   // tokens): now 4 outputs per thread (16-byte loads), the slots split into `parts` contiguous
   // ranges, kFinishBatch loads in flight before any is added, the ranges added in order through

@@ -597,18 +597,20 @@ __global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
   const uint32_t bufWords = a.spb * a.capWords;
   // Pipeline: the next group's segment bytes (cp.async) and its scalars (registers) are in
   // flight while this group decodes.
+  // The scale and zero point stay as loaded (f16 bits, 32-bit integer) until they are used a
+  // segment later: converting them here waited for the loads (ncu at 32k: ~4% of the stalls).
   uint32_t nChunks = 0, bit0 = 0, x = 0;
   bool raw = false;
-  int64_t zp = 0;
-  float sc = 0.f;
+  int32_t zp = 0;
+  uint16_t sc = 0;
   uint32_t bg = blockIdx.x, buf = 0;
   auto issue = [&](uint32_t group, uint32_t into) {
     const uint32_t b = group * a.spb + slot, seg = b * a.g.heads + h;
     if (group * a.spb < a.g.blocks && b < a.g.blocks) {
       nChunks = issueStage(a, lay, seg, stAll + into * bufWords + slot * a.capWords, v, vecs, bit0, raw);
       x = __ldg(vecBits + size_t(seg) * vecs + v);
-      zp = kg::zeroPoint(a.body, lay, b);
-      sc = kg::scaleOf(a.body, lay, b);
+      zp = kg::zeroPointRaw(a.body, lay, b);
+      sc = kg::scaleBits(a.body, lay, b);
     } else {
       nChunks = 0, x = 0;
     }
@@ -620,7 +622,7 @@ __global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
     cpAsyncWaitAll();
     swapStaged(stAll + buf * bufWords + slot * a.capWords, nChunks, v, vecs);
     const bool rawC = raw;
-    const float zpc = float(zp + center), scC = sc;
+    const float zpc = float(int64_t(zp) + center), scC = kg::halfBitsToFloat(sc);
     const uint32_t bit = bit0 + slotScan(active ? x : 0u, vecs, warpTotals);
     __syncthreads();  // the group is staged; the other buffer's last readers are done
     issue(bg + a.nx, buf ^ 1);
@@ -740,8 +742,8 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
   uint32_t nChunks = 0, bit0 = 0, x = 0;
   bool raw = false;
   uint16_t pw[G] = {};
-  float tsc = 0.f;
-  int64_t tzp = 0;
+  uint16_t tsc = 0;  // as loaded, converted at use (see qkMmaKernel)
+  int32_t tzp = 0;
   uint32_t bg = blockIdx.x, buf = 0;
   auto issue = [&](uint32_t group, uint32_t into) {
     const uint32_t b = group * a.spb + slot, seg = b * a.g.heads + h;
@@ -751,8 +753,8 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
       const uint32_t t = b * B + v;
 #pragma unroll
       for (int j = 0; j < G; ++j) pw[j] = __ldg(a.in + (size_t(h) * G + j) * T + t);
-      tsc = kg::scaleOf(a.body, lay, t);
-      tzp = kg::zeroPoint(a.body, lay, t);
+      tsc = kg::scaleBits(a.body, lay, t);
+      tzp = kg::zeroPointRaw(a.body, lay, t);
     } else {
       nChunks = 0, x = 0;
     }
@@ -769,10 +771,10 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
       float mx = 0.f, z[G] = {};
       {
         const uint32_t i = v;
-        const float zpc = float(tzp + center);
+        const float zpc = float(int64_t(tzp) + center), scT = kg::halfBitsToFloat(tsc);
 #pragma unroll
         for (int j = 0; j < G; ++j) {
-          const float wt = __fmul_rn(kg::halfBitsToFloat(pw[j]), tsc);
+          const float wt = __fmul_rn(kg::halfBitsToFloat(pw[j]), scT);
           wmine[i * G + j] = wt;
           mx = fmaxf(mx, fabsf(wt));
           z[j] = fmaf(wt, zpc, z[j]);

@@ -104,9 +104,20 @@ KVC_HD int64_t zeroPoint(const uint8_t* body, const DevLayout& l, uint32_t u) {
   return int32_t(*reinterpret_cast<const uint32_t*>(p));
 }
 
-KVC_HD float scaleOf(const uint8_t* body, const DevLayout& l, uint32_t u) {
-  return halfBitsToFloat(*reinterpret_cast<const uint16_t*>(body + l.scaleOff + 2ull * u));
+/** zeroPoint as the loaded 32-bit value (sign-extended by the load itself): the tensor-core
+ *  kernels prefetch it a segment ahead, and the 64-bit widening waited for the load there. */
+KVC_HD int32_t zeroPointRaw(const uint8_t* body, const DevLayout& l, uint32_t u) {
+  const uint8_t* p = body + l.zpOff + uint64_t(l.zpBytes) * u;
+  if (l.zpBytes == 1) return int8_t(p[0]);
+  if (l.zpBytes == 2) return int16_t(*reinterpret_cast<const uint16_t*>(p));
+  return int32_t(*reinterpret_cast<const uint32_t*>(p));
 }
+
+KVC_HD uint16_t scaleBits(const uint8_t* body, const DevLayout& l, uint32_t u) {
+  return *reinterpret_cast<const uint16_t*>(body + l.scaleOff + 2ull * u);
+}
+
+KVC_HD float scaleOf(const uint8_t* body, const DevLayout& l, uint32_t u) { return halfBitsToFloat(scaleBits(body, l, u)); }
 
 // ---- the decode table, in five block phases (a __syncthreads() between phases) ----------------
 // Canonical codes (huffman.h canonicalCodes): lengths ascending, then symbol; first[l] is the first

@@ -16,6 +16,8 @@
 
 #include <cstdint>
 
+#include "common/last_block.cuh"
+
 namespace packkv::packkv_gpu {
 
 constexpr int kWarps = 4;  // warps per block of every kernel
@@ -357,12 +359,7 @@ __device__ __forceinline__ void pvFinish(const Args& a, const float* sAcc, int D
     for (int w = 0; w < kWarps; ++w) sum += sAcc[w * NR * D + idx];
     dst[idx] = sum;
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == unsigned(a.splits - 1);
-  __syncthreads();
-  if (!sLast) return;
-  __threadfence();
+  if (!gpu::lastBlockDone(&a.counters[h], unsigned(a.splits), &sLast)) return;
   const float* part = a.partial + size_t(h) * a.splits * NR * D;
   for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
     float sum = 0.f;

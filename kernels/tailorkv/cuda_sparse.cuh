@@ -47,6 +47,8 @@
 
 #ifdef __CUDACC__
 #include <cooperative_groups.h>
+
+#include "common/last_block.cuh"
 #endif
 
 namespace packkv::tailorkv::sparse {
@@ -308,16 +310,7 @@ __device__ inline uint32_t warpAppend(uint32_t* counter, bool take) {
   return base + uint32_t(__popc(m & ((1u << laneId()) - 1u)));
 }
 
-/** True in every thread of the block for the last of `blocks` blocks to arrive at counter. */
-__device__ inline bool lastBlockDone(uint32_t* counter, uint32_t blocks, bool* sLast) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) *sLast = atomicAdd(counter, 1u) == blocks - 1;
-  __syncthreads();
-  if (!*sLast) return false;
-  __threadfence();
-  return true;
-}
+using gpu::lastBlockDone;  // common/last_block.cuh
 
 /**
  * q̄ (double) and the channel choice of KV head h: sel channels ascending in ch[0..C), their q̄ in
@@ -980,12 +973,7 @@ __global__ void __launch_bounds__(kPvThreads) pvKernel(PvArgs a) {
     for (int w = 0; w < W; ++w) s += red[w][i];
     mine[i] = s;
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) sLast = atomicAdd(&a.counters[h], 1u) == a.splits - 1;
-  __syncthreads();
-  if (!sLast) return;
-  __threadfence();
+  if (!lastBlockDone(&a.counters[h], a.splits, &sLast)) return;
   const float* all = a.partial + size_t(h) * a.splits * G * D;
   for (uint32_t i = threadIdx.x; i < uint32_t(G * D); i += blockDim.x) {
     float s = 0.f;
