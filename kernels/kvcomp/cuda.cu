@@ -85,6 +85,7 @@ struct Args {
 };
 
 constexpr uint32_t kMmaCodes = 128;  // codes per vector on the tensor-core path (head_dim for K, v_block for V)
+constexpr uint32_t kMmaThreads = 256;  // block size of the tensor-core kernels (plan(): spb · vectors per segment)
 constexpr uint32_t kMmaSteps = kMmaCodes / 4;
 constexpr uint32_t kFragTileWords = kMmaSteps * kg::kFragStepWords;  // A fragments of one 16-row tile
 __host__ __device__ constexpr uint32_t mmaTiles(uint32_t group) { return (4 * group + 15) / 16; }
@@ -497,10 +498,8 @@ __device__ __forceinline__ void mmaSegment(bool raw, bool pred, const uint32_t* 
   else mmaWalk<MT, SPLIT, false, false, true>(st, p, table, shiftR, w, center, frag, lk, c);
 }
 
-/** This lane's A-fragment words: its group's slot when it carries weights (t == g % 4), else the zero slot. */
-__device__ __forceinline__ uint32_t fragLaneOffset(uint32_t lane) {
-  return ((lane & 3) == ((lane >> 2) & 3) ? (lane >> 2) : 8u) * 4;
-}
+/** This lane's A-fragment words (kg::fragSlot: slot 0 or 4 when it carries weights, else the zero slot). */
+__device__ __forceinline__ uint32_t fragLaneOffset(uint32_t lane) { return kg::fragSlot(lane) * 4; }
 
 /** Decomposes a fragment word index of a tile: register i, group g (8 = zero slot), step s, tile mt. */
 __device__ __forceinline__ void fragIndex(uint32_t idx, uint32_t& i, uint32_t& g, uint32_t& s, uint32_t& mt) {
@@ -553,7 +552,7 @@ __device__ __forceinline__ void swapStaged(uint32_t* st, uint32_t n, uint32_t v,
 }
 
 template <int G>
-__global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
+__global__ void __launch_bounds__(kMmaThreads, 3) qkMmaKernel(Args a) {
   constexpr int MT = mmaTiles(G);
   const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, T = a.T;
   if (blockIdx.x >= a.nx) {  // fp16 tail tokens, as qkKernel
@@ -567,11 +566,24 @@ __global__ void __launch_bounds__(256, 3) qkMmaKernel(Args a) {
   uint32_t* frag = reinterpret_cast<uint32_t*>(kvcSmem + a.wOff);  // [MT][steps][9][4] half2 of q
   float* qsum = reinterpret_cast<float*>(frag + MT * kFragTileWords);
   const uint16_t* qh = a.in + size_t(h) * G * D;
-  for (uint32_t idx = tid; idx < MT * kFragTileWords; idx += blockDim.x) {
-    uint32_t i, g, s, mt;
-    fragIndex(idx, i, g, s, mt);
-    const uint32_t j = kg::mmaHead(mt, g, i), d = 4 * s + kg::mmaCode(i);
-    frag[idx] = g < 8 && j < uint32_t(G) ? uint32_t(qh[j * D + d]) | uint32_t(qh[j * D + d + 1]) << 16 : 0u;
+  // Only slots 0, 4 (the carriers', kg::fragSlot) and the zero slot 8 are read: 12 of a step's 36
+  // words. Every load of this thread first, then the stores (the loop was one dependent q load
+  // pair per word: ~3% of q·Kᵀ's stall samples at 32k tokens).
+  {
+    constexpr uint32_t kWords = MT * kMmaSteps * 12, kIt = (kWords + kMmaThreads - 1) / kMmaThreads;
+    uint32_t val[kIt];
+#pragma unroll
+    for (uint32_t k = 0; k < kIt; ++k) {
+      const uint32_t n = tid + k * kMmaThreads, i = n & 3, sl = (n >> 2) % 3, s = (n / 12) % kMmaSteps;
+      const uint32_t mt = n / (12 * kMmaSteps), g = 4 * sl, j = kg::mmaHead(mt, g, i), d = 4 * s + kg::mmaCode(i);
+      val[k] = n < kWords && sl < 2 && j < uint32_t(G) ? uint32_t(__ldg(qh + j * D + d)) | uint32_t(__ldg(qh + j * D + d + 1)) << 16 : 0u;
+    }
+#pragma unroll
+    for (uint32_t k = 0; k < kIt; ++k) {
+      const uint32_t n = tid + k * kMmaThreads, i = n & 3, sl = (n >> 2) % 3, s = (n / 12) % kMmaSteps;
+      const uint32_t mt = n / (12 * kMmaSteps);
+      if (n < kWords) frag[mt * kFragTileWords + s * kg::kFragStepWords + 16 * sl + i] = val[k];
+    }
   }
   // Σ_d q_d per head: warp j sums head j (lanes over channels, then a shuffle tree), so the
   // prologue waits for one round of loads instead of a 128-long chain of dependent adds.
@@ -693,7 +705,7 @@ __device__ __noinline__ void pvTailInto(const uint16_t* pr, const uint16_t* tail
  * fragments (about 22 bits); Z_j = Σ_t w_jt (zp_t + center) is added once per segment.
  */
 template <int G>
-__global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
+__global__ void __launch_bounds__(kMmaThreads, 3) pvMmaKernel(Args a) {
   constexpr int MT = mmaTiles(G);
   const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, B = a.g.block, T = a.T;
   if (blockIdx.x >= a.nx) {  // fp16 tail tokens, as pvKernel
@@ -718,17 +730,15 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
   uint32_t* stAll = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff);  // two buffers of spb * capWords words
   uint32_t* fragAll = reinterpret_cast<uint32_t*>(kvcSmem + a.wOff);
   uint32_t* frag = fragAll + size_t(slot) * 2 * MT * kFragTileWords;  // [hi, lo][MT][steps][9][4]
-  float* zs = reinterpret_cast<float*>(fragAll + size_t(a.spb) * 2 * MT * kFragTileWords);  // [spb][G]
-  float* inv = zs + a.spb * G;                                                              // [spb]
-  float* wred = inv + a.spb;                                                                // [spb][32][G + 1]
-  float* wbuf = wred + a.spb * 32 * (G + 1);                                                // [spb][B][G]
-  float* wmine = wbuf + size_t(slot) * B * G;
+  float* inv = reinterpret_cast<float*>(fragAll + size_t(a.spb) * 2 * MT * kFragTileWords);  // [spb]
+  float* wmax = inv + a.spb;                                                                  // [spb][32]
+  float* zred = wmax + a.spb * 32;                                                            // [32 warps][G]
   const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
   const uint32_t* table = reinterpret_cast<const uint32_t*>(kvcSmem);
   const uint32_t shiftR = 32 - lk.L, pMax = a.spb * a.capWords * 32;
   const int32_t center = kg::symbolCenter(lay.alphabet);
   const uint32_t* fragLane = frag + fragLaneOffset(lane);
-  float acc[MT][4] = {}, zacc[G] = {};
+  float acc[MT][4] = {}, zown[G] = {};  // zown: Σ p·scale·(zp + centre) over this thread's tokens
   // A-fragment words that never carry weights (the zero slot, heads >= G): zero once; the
   // per-segment fill below writes only the others (so no barrier is needed between the two).
   for (uint32_t idx = v; idx < MT * kFragTileWords; idx += vecs) {
@@ -767,75 +777,46 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
     swapStaged(stAll + buf * bufWords + slot * a.capWords, nChunks, v, vecs);
     const bool rawC = raw;
     const uint32_t bitC = bit0, xC = active ? x : 0u;
+    // Thread v owns token v of its slot's segment (tokens per segment == vectors per segment):
+    // its G weights p·scale, their zero-point term (kept per thread, reduced once at the end),
+    // and, once the segment's max |weight| is known, its own A-fragment halves (hi and lo of
+    // weight·2^sh, two 16-bit stores per head). Was: weights through shared memory, a butterfly of
+    // G + 1 values per warp and the fragment words filled by (group, register) with a loop over
+    // the steps: 21% of p·V's instructions at 32k tokens (ncu).
+    float wt[G];
+    float mx = 0.f;
     if (active) {
-      float mx = 0.f, z[G] = {};
-      {
-        const uint32_t i = v;
-        const float zpc = float(int64_t(tzp) + center), scT = kg::halfBitsToFloat(tsc);
+      const float zpc = float(int64_t(tzp) + center), scT = kg::halfBitsToFloat(tsc);
 #pragma unroll
-        for (int j = 0; j < G; ++j) {
-          const float wt = __fmul_rn(kg::halfBitsToFloat(pw[j]), scT);
-          wmine[i * G + j] = wt;
-          mx = fmaxf(mx, fabsf(wt));
-          z[j] = fmaf(wt, zpc, z[j]);
-        }
-      }
-#pragma unroll
-      for (uint32_t o = 16; o > 0; o >>= 1) {
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-#pragma unroll
-        for (int j = 0; j < G; ++j) z[j] += __shfl_xor_sync(0xffffffffu, z[j], o);
-      }
-      if (lane == 0) {
-        float* r = wred + (size_t(slot) * 32 + warp) * (G + 1);
-        r[0] = mx;
-#pragma unroll
-        for (int j = 0; j < G; ++j) r[1 + j] = z[j];
+      for (int j = 0; j < G; ++j) {
+        wt[j] = __fmul_rn(kg::halfBitsToFloat(pw[j]), scT);
+        mx = fmaxf(mx, fabsf(wt[j]));
+        zown[j] = fmaf(wt[j], zpc, zown[j]);
       }
     }
+#pragma unroll
+    for (uint32_t o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) wmax[slot * 32 + warp] = mx;
+    // slotScan's barrier (vecs = 128 > 32 on this path) also publishes wmax.
     const uint32_t bit = bitC + slotScan(xC, vecs, warpTotals);
-    __syncthreads();
     if (active) {
-      const float* r = wred + size_t(slot) * 32 * (G + 1);
-      float mx = 0.f;
-      for (uint32_t k = 0; k < vecs / 32; ++k) mx = fmaxf(mx, r[k * (G + 1)]);
+      mx = 0.f;
+      for (uint32_t k = 0; k < vecs / 32; ++k) mx = fmaxf(mx, wmax[slot * 32 + k]);
       int e = 0;
       frexpf(mx, &e);  // mx < 2^e
       const int sh = mx > 0.f ? min(max(15 - e, -100), 100) : 0;
       const float mult = ldexpf(1.f, sh);
-      // The live A-fragment words (group g < 8, head j < G; the rest stay zero from the start):
-      // lane (g, i) = (lane / 4, lane % 4) of warp w writes register i of group g for the steps
-      // s = w, w + 4, ... (no index divisions; consecutive lanes, consecutive words).
-      {
-        const uint32_t g = lane >> 2, i = lane & 3;
+      __half* hiH = reinterpret_cast<__half*>(frag);
+      __half* loH = reinterpret_cast<__half*>(frag + MT * kFragTileWords);
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          const uint32_t j = kg::mmaHead(mt, g, i);
-          if (j >= uint32_t(G)) continue;
-          for (uint32_t s = warp; s < kMmaSteps; s += vecs / 32) {
-            const uint32_t tk = 4 * s + kg::mmaCode(i), idx = mt * kFragTileWords + s * kg::kFragStepWords + 4 * g + i;
-            uint32_t hiW = 0, loW = 0;
-#pragma unroll
-            for (uint32_t u = 0; u < 2; ++u) {
-              const float ws = __fmul_rn(wmine[(tk + u) * G + j], mult);
-              const __half hi = __float2half_rn(ws), lo = __float2half_rn(__fsub_rn(ws, __half2float(hi)));
-              hiW |= uint32_t(__half_as_ushort(hi)) << (16 * u);
-              loW |= uint32_t(__half_as_ushort(lo)) << (16 * u);
-            }
-            frag[idx] = hiW;
-            frag[MT * kFragTileWords + idx] = loW;
-          }
-        }
+      for (int j = 0; j < G; ++j) {
+        const float ws = __fmul_rn(wt[j], mult);
+        const __half hi = __float2half_rn(ws), lo = __float2half_rn(__fsub_rn(ws, __half2float(hi)));
+        const uint32_t at = 2 * kg::fragWordOf(v, uint32_t(j)) + (v & 1);
+        hiH[at] = hi;
+        loH[at] = lo;
       }
-      if (v == 0) {
-        inv[slot] = ldexpf(1.f, -sh);
-#pragma unroll
-        for (int j = 0; j < G; ++j) {
-          float sum = 0.f;
-          for (uint32_t k = 0; k < vecs / 32; ++k) sum += r[k * (G + 1) + 1 + j];
-          zs[slot * G + j] = sum;
-        }
-      }
+      if (v == 0) inv[slot] = ldexpf(1.f, -sh);
     }
     __syncthreads();
     issue(bg + a.nx, buf ^ 1);
@@ -849,12 +830,25 @@ __global__ void __launch_bounds__(256, 3) pvMmaKernel(Args a) {
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][i] = fmaf(c[mt][i], iv, acc[mt][i]);
-#pragma unroll
-    for (int j = 0; j < G; ++j) zacc[j] += zs[slot * G + j];
   }
+  // The zero-point terms of all the block's tokens, per head: warps, then the warps in order.
+#pragma unroll
+  for (int j = 0; j < G; ++j)
+#pragma unroll
+    for (uint32_t o = 16; o > 0; o >>= 1) zown[j] += __shfl_xor_sync(0xffffffffu, zown[j], o);
+  if (lane == 0)
+#pragma unroll
+    for (int j = 0; j < G; ++j) zred[(tid >> 5) * G + j] = zown[j];
   // This block's [G][D] partial: each lane's sums through shared memory, slots added in order.
   float* red = reinterpret_cast<float*>(kvcSmem + a.stOff);
   __syncthreads();
+  float zacc[G];
+#pragma unroll
+  for (int j = 0; j < G; ++j) {
+    zacc[j] = 0.f;
+    if (slot == 0)  // added once, into slot 0's rows
+      for (uint32_t k = 0; k < (blockDim.x >> 5); ++k) zacc[j] += zred[k * G + j];
+  }
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -1049,7 +1043,7 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
   if (a.mma) {
     const uint64_t frag = uint64_t(mmaTiles(group)) * kMmaSteps * kg::kFragStepWords * 4;
     weights = kind == TensorKind::Key ? std::max<uint64_t>(weights, frag + 64)
-                                      : uint64_t(a.spb) * (2 * frag + 4 * group + 4 + 4 * 32 * (group + 1) + 4ull * a.g.block * group);
+                                      : uint64_t(a.spb) * (2 * frag + 4 + 4 * 32) + 4ull * 32 * group;
   }
   if (a.pairBits)  // prologue: lengths, sorted symbols and the u16 table of the pair fill
     stageBytes = std::max<uint64_t>(stageBytes, 3ull * std::max(alphaNeed, kg::kPairAlphabet) + 32 + kTableBytes + 16);

@@ -534,5 +534,21 @@ KVC_HD uint32_t cHead(uint32_t mt, uint32_t lane, uint32_t i) { return 4 * mt + 
 KVC_HD uint32_t cOwner(uint32_t lane, uint32_t i) { return 8 * (lane & 3) + 4 * (i & 1) + ((lane >> 2) & 3); }
 /** Words of one step's A fragments in shared memory: 8 groups + 1 zero slot, 4 words each. */
 constexpr uint32_t kFragStepWords = 9 * 4;
+/**
+ * The fragment slot lane l reads: a lane (g, t) carries weights only when t == g % 4, and mmaHead
+ * depends on g only through g / 4, so the carriers of groups 0-3 all read slot 0 and those of
+ * groups 4-7 slot 4 (the same 16 bytes: a broadcast); the others read the zero slot 8. Only slots 0
+ * and 4 have to be filled.
+ */
+KVC_HD uint32_t fragSlot(uint32_t lane) { return (lane & 3) == ((lane >> 2) & 3) ? ((lane >> 4) & 1) * 4 : 8u; }
+/**
+ * The word of the A fragments (tiles of 32 steps) that holds code k's weight for head j, in half
+ * k & 1: tile j / 4, step k / 4, slot 4·(j & 1), register (k & 2) | ((j & 3) >> 1), which is the
+ * inverse of mmaHead / mmaCode on slots 0 and 4.
+ */
+KVC_HD uint32_t fragWordOf(uint32_t k, uint32_t j) {
+  const uint32_t jj = j & 3;
+  return (j >> 2) * (32 * kFragStepWords) + (k >> 2) * kFragStepWords + 16 * (jj & 1) + ((k & 2) | (jj >> 1));
+}
 
 }  // namespace packkv::kvcomp::gpu

@@ -258,18 +258,15 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
       int e = 0;
       std::frexp(mx, &e);
       mult = mx > 0 ? std::ldexp(1.f, std::min(std::max(15 - e, -100), 100)) : 1.f;
-      for (uint32_t idx = 0; idx < MT * tileWords; ++idx) {
-        uint32_t i, gg, st_, mt;
-        fragIdx(idx, i, gg, st_, mt);
-        const uint32_t j = kg::mmaHead(mt, gg, i), tk = 4 * st_ + kg::mmaCode(i);
-        if (gg < 8 && j < G)
-          for (uint32_t u = 0; u < 2; ++u) {
-            const float ws = wt[(tk + u) * G + j] * mult;
-            const uint16_t hi = floatToHalf(ws), lo = floatToHalf(ws - halfToFloat(hi));
-            frag[idx] |= uint32_t(hi) << (16 * u);
-            frag[MT * tileWords + idx] |= uint32_t(lo) << (16 * u);
-          }
-      }
+      // as pvMmaKernel: token k's own halves of slots 0 and 4 (kg::fragWordOf), the only slots read
+      for (uint32_t k = 0; k < g.block; ++k)
+        for (uint32_t j = 0; j < G; ++j) {
+          const float ws = wt[k * G + j] * mult;
+          const uint16_t hi = floatToHalf(ws), lo = floatToHalf(ws - halfToFloat(hi));
+          const uint32_t idx = kg::fragWordOf(k, j);
+          frag[idx] |= uint32_t(hi) << (16 * (k & 1));
+          frag[MT * tileWords + idx] |= uint32_t(lo) << (16 * (k & 1));
+        }
     } else {
       for (uint32_t idx = 0; idx < MT * tileWords; ++idx) {
         uint32_t i, gg, st_, mt;
@@ -387,7 +384,7 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
           for (uint32_t mt = 0; mt < MT; ++mt) {
             uint32_t aa[32][4];
             for (uint32_t ln = 0; ln < 32; ++ln) {
-              const uint32_t slotG = (ln & 3) == ((ln >> 2) & 3) ? (ln >> 2) : 8;
+              const uint32_t slotG = kg::fragSlot(ln);
               for (uint32_t r = 0; r < 4; ++r)
                 aa[ln][r] = frag[(sp * MT + mt) * tileWords + step * kg::kFragStepWords + slotG * 4 + r];
             }
