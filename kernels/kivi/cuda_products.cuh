@@ -276,57 +276,14 @@ __device__ void pvResidual(const PvArgs& a, int h, int split, int slots) {
   }
 }
 
-/** After a block's partials are written: the head's last block (of `blocks`) adds the `slots`
- *  partials in order (deterministic), writes the output and resets the counter for the next launch. */
+/** After a block's partials are written: the head's last block adds the `slots` partials in order
+ *  (deterministic) into the output (common/last_block.cuh addPartials, one level: two levels were
+ *  not faster here). blockDim <= 256. */
 template <int NR>
 __device__ void pvFinish(const PvArgs& a, int h, int blocks, int slots) {
-  __shared__ bool last;
-  if (!gpu::lastBlockDone(&a.counters[h], unsigned(blocks), &last)) return;
-  // The last block's serial pass over all slots was a chain of L2 round trips (72 slots at 128k
-  // tokens): now 4 outputs per thread (16-byte loads), the slots split into `parts` contiguous
-  // ranges, kFinishBatch loads in flight before any is added, the ranges added in order through
-  // shared memory (a fixed order: still deterministic).
-  const float* part = a.partial + size_t(h) * slots * NR * a.D;
-  float* out = a.out + size_t(h) * NR * a.D;
-  const int vecs = NR * a.D / 4;
-  const int parts = min(8, int(blockDim.x) / vecs);  // (parts - 1)·vecs < blockDim <= 256
-  const bool vec4 = a.D % 4 == 0 && parts >= 1 && blockDim.x <= 256 &&
-                    ((reinterpret_cast<uintptr_t>(a.out) | reinterpret_cast<uintptr_t>(a.partial)) & 15) == 0;
-  if (!vec4) {
-    for (int idx = threadIdx.x; idx < NR * a.D; idx += blockDim.x) {
-      float sum = 0.f;
-      for (int sp = 0; sp < slots; ++sp) sum += __ldcg(part + size_t(sp) * NR * a.D + idx);
-      out[idx] = sum;
-    }
-  } else {
-    constexpr int kFinishBatch = 8;
-    __shared__ float4 rangeSums[256];
-    const int tv = threadIdx.x % vecs, pi = threadIdx.x / vecs;
-    const int per = (slots + parts - 1) / parts;
-    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (pi < parts) {
-      const int s0 = pi * per, s1 = min(slots, s0 + per);
-      const float4* src = reinterpret_cast<const float4*>(part) + tv;
-      for (int sp = s0; sp < s1; sp += kFinishBatch) {
-        float4 v[kFinishBatch];
-#pragma unroll
-        for (int k = 0; k < kFinishBatch; ++k)
-          v[k] = sp + k < s1 ? __ldcg(src + size_t(sp + k) * vecs) : make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-        for (int k = 0; k < kFinishBatch; ++k) sum.x += v[k].x, sum.y += v[k].y, sum.z += v[k].z, sum.w += v[k].w;
-      }
-      if (pi > 0) rangeSums[(pi - 1) * vecs + tv] = sum;
-    }
-    __syncthreads();
-    if (pi == 0) {
-      for (int r = 1; r < parts; ++r) {
-        const float4 v = rangeSums[(r - 1) * vecs + tv];
-        sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
-      }
-      reinterpret_cast<float4*>(out)[tv] = sum;
-    }
-  }
-  if (threadIdx.x == 0) a.counters[h] = 0;
+  __shared__ float4 scratch[256];
+  gpu::addPartials<false, false>(a.counters, gridDim.y, unsigned(h), a.partial + size_t(h) * slots * NR * a.D, size_t(NR) * a.D,
+                          blocks, slots, a.out + size_t(h) * NR * a.D, NR * a.D, scratch);
 }
 
 /** p·V. Grid (splits + residual split, H): each block writes its split's partial sums. */

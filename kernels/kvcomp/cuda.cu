@@ -41,6 +41,7 @@
 
 #include "common/cuda_check.h"
 #include "common/gpu_codec.h"
+#include "common/last_block.cuh"
 #include "common/layout.h"
 #include "kvcomp/cuda_encode.cuh"
 #include "kvcomp/cuda_huffman.cuh"
@@ -82,6 +83,7 @@ struct Args {
   const uint16_t* in;    // q f16 [qHeads][D] or p f16 [qHeads][T] of this query step
   float* out;            // scores [qHeads][T], p·V out [qHeads][D], or the decoded tensor
   float* partial;        // p·V: f32 [heads][nx + ntail][G][D], one slice per block
+  unsigned* counters;    // p·V: gpu::addPartials' counters, zero between launches
 };
 
 constexpr uint32_t kMmaCodes = 128;  // codes per vector on the tensor-core path (head_dim for K, v_block for V)
@@ -342,6 +344,20 @@ __device__ void pvWritePartial(const Args& a, uint32_t h, const float (&acc)[G],
   }
 }
 
+/**
+ * After the block's partial slice is written: the head's slices added in block order into the
+ * output (gpu::addPartials, two levels; it zeroes the slices it read, so the workspace goes back
+ * zero-filled). Was a second kernel (pvReduceKernel), whose launch cost 4-7 µs at 4k-128k tokens
+ * (measured by leaving it out). Scratch: the staging area (plan() keeps >= 16 bytes per thread).
+ */
+template <int G>
+__device__ void pvFinishHead(const Args& a, uint32_t h) {
+  const int blocks = int(a.nx + a.ntail);
+  const size_t slice = size_t(G) * a.g.dim;
+  gpu::addPartials<true, true>(a.counters, gridDim.y, h, a.partial + size_t(h) * blocks * slice, slice, blocks, blocks,
+                         a.out + size_t(h) * slice, int(slice), reinterpret_cast<float4*>(kvcSmem + a.stOff));
+}
+
 template <int G>
 __global__ void __launch_bounds__(1024) pvKernel(Args a) {
   const uint32_t h = blockIdx.y, tid = threadIdx.x, D = a.g.dim, B = a.g.block, T = a.T;
@@ -357,6 +373,7 @@ __global__ void __launch_bounds__(1024) pvKernel(Args a) {
       for (int j = 0; j < G; ++j) acc[j] = fmaf(kg::halfBitsToFloat(__ldg(pr + size_t(j) * T + t)), x, acc[j]);
     }
     pvWritePartial<G>(a, h, acc, reinterpret_cast<float*>(kvcSmem + a.stOff));
+    pvFinishHead<G>(a, h);
     return;
   }
   kg::DevLayout lay;
@@ -397,44 +414,7 @@ __global__ void __launch_bounds__(1024) pvKernel(Args a) {
     walk(raw, st, a.capWords, bit, B, lk, w, sink);
   }
   pvWritePartial<G>(a, h, acc, reinterpret_cast<float*>(kvcSmem + a.stOff));
-}
-
-constexpr uint32_t kPvReduceThreads = 1024;
-
-/**
- * out[h·G+j][d] = Σ_k partial[h][k][j][d] over the nx + ntail block slices, in a fixed order (a
- * strided split over R = threads / D lanes, then the R sums in order); zeroes what it read, so
- * the workspace goes back zero-filled. Block (h, j).
- */
-template <int G>
-__global__ void __launch_bounds__(kPvReduceThreads) pvReduceKernel(Args a) {
-  __shared__ float red[kPvReduceThreads];
-  const uint32_t h = blockIdx.x, j = blockIdx.y, D = a.g.dim, R = max(1u, blockDim.x / D);
-  const uint32_t r = threadIdx.x / D, d = threadIdx.x % D, parts = a.nx + a.ntail;
-  float sum = 0.f;
-  if (r < R) {
-    float* base = a.partial + (size_t(h) * parts * G + j) * D + d;
-    uint32_t k = r;
-    for (; k + 7 * R < parts; k += 8 * R) {  // 8 loads in flight before the zeroing stores
-      float v[8];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = base[size_t(k + u * R) * G * D];
-#pragma unroll
-      for (int u = 0; u < 8; ++u) base[size_t(k + u * R) * G * D] = 0.f;
-#pragma unroll
-      for (int u = 0; u < 8; ++u) sum += v[u];
-    }
-    for (; k < parts; k += R) {
-      sum += base[size_t(k) * G * D];
-      base[size_t(k) * G * D] = 0.f;
-    }
-    red[threadIdx.x] = sum;
-  }
-  __syncthreads();
-  if (r == 0) {
-    for (uint32_t q = 1; q < R; ++q) sum += red[q * D + d];
-    a.out[(size_t(h) * G + j) * D + d] = sum;
-  }
+  pvFinishHead<G>(a, h);
 }
 
 // ---- tensor-core products (cuda_huffman.cuh decodePair / mmaHead / cOwner) ----------------------
@@ -719,6 +699,7 @@ __global__ void __launch_bounds__(kMmaThreads, 3) pvMmaKernel(Args a) {
       for (int j = 0; j < G; ++j) acc[j] = fmaf(kg::halfBitsToFloat(__ldg(pr + size_t(j) * T + t)), x, acc[j]);
     }
     pvWritePartial<G>(a, h, acc, reinterpret_cast<float*>(kvcSmem + a.stOff));
+    pvFinishHead<G>(a, h);
     return;
   }
   kg::DevLayout lay;
@@ -872,6 +853,7 @@ __global__ void __launch_bounds__(kMmaThreads, 3) pvMmaKernel(Args a) {
     for (uint32_t k = 1; k < a.spb; ++k) sum += red[size_t(k) * G * D + idx];
     out[idx] = sum;
   }
+  pvFinishHead<G>(a, h);
 }
 
 // ---- decode ----------------------------------------------------------------------------------
@@ -1047,8 +1029,9 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
   }
   if (a.pairBits)  // prologue: lengths, sorted symbols and the u16 table of the pair fill
     stageBytes = std::max<uint64_t>(stageBytes, 3ull * std::max(alphaNeed, kg::kPairAlphabet) + 32 + kTableBytes + 16);
-  if (forProducts && kind == TensorKind::Value)  // pvWritePartial's slot sums reuse the staging area
-    stageBytes = std::max<uint64_t>(stageBytes, (uint64_t(a.spb) * group * sh.dim * 4 + 15) / 16 * 16);
+  if (forProducts && kind == TensorKind::Value)  // pvWritePartial's slot sums and addPartials' scratch reuse the staging area
+    stageBytes = std::max<uint64_t>({stageBytes, (uint64_t(a.spb) * group * sh.dim * 4 + 15) / 16 * 16,
+                                     16ull * a.spb * a.g.vecsPerSeg});
   a.alphaLimit = uint32_t((stageBytes - 16) / 3);
   a.wOff = a.tableBytes + kScratchBytes + (a.n1max ? (1u << a.n1max) * (a.mma ? 128 : 64) : 0);
   a.stOff = uint32_t(a.wOff + (weights + 15) / 16 * 16);
@@ -1084,6 +1067,13 @@ void prepareSmem(Kernel kernel, size_t smem) {
 /** p·V blocks per KV head over the fp16 tail. */
 uint32_t pvTailBlocks(const Args& a) { return (a.g.tailTokens + kPvTailChunk - 1) / kPvTailChunk; }
 
+/** p·V blocks per KV head over the coded tokens: one resident wave, within addPartials' group counters. */
+uint32_t pvCodedBlocks(const Args& a, size_t smem) {
+  if (!a.g.segments) return 0;
+  const uint32_t cap = uint32_t(gpu::kFinishGroup * gpu::kFinishMaxGroups) - pvTailBlocks(a);
+  return std::max<uint32_t>(1, std::min(blocksPerHead(a, smem), cap));
+}
+
 // ---- the GpuCodecDef entries -----------------------------------------------------------------
 
 uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
@@ -1094,14 +1084,18 @@ uint64_t bodyBytes(const Shape& s, TensorKind kind, const Params& p) {
   return kvcomp::layoutOf(g, kg::kMaxAlphabet, 4, 12, uint64_t(g.segments) * ((perSeg * 12 + 7) / 8)).total;
 }
 
+/** p·V's reduction counters (gpu::addPartials: one per head, then kFinishMaxGroups per head). */
+size_t counterBytes(uint32_t heads) {
+  return (size_t(heads) * (1 + gpu::kFinishMaxGroups) * sizeof(unsigned) + 255) / 256 * 256;
+}
+
 size_t workspaceBytes(const StreamView& s, uint32_t qHeads) {
   const Shape& sh = s.header.shape;
-  size_t bytes = 256;
+  size_t bytes = counterBytes(sh.heads);
   if (s.header.kind == TensorKind::Value && sh.heads > 0 && qHeads % sh.heads == 0) {
     const uint32_t group = qHeads / sh.heads;
     Args a = plan(s, group, true, false);
-    const uint32_t nx = a.g.segments ? blocksPerHead(a, smemOf(a)) : 0;
-    bytes += size_t(sh.heads) * (nx + pvTailBlocks(a)) * group * sh.dim * sizeof(float);
+    bytes += size_t(sh.heads) * (pvCodedBlocks(a, smemOf(a)) + pvTailBlocks(a)) * group * sh.dim * sizeof(float);
   }
   return bytes;
 }
@@ -1158,7 +1152,7 @@ template <int G>
 void launchPv(Args a, cudaStream_t st) {
   if (a.g.heads == 0) return;
   const size_t smem = smemOf(a);
-  a.nx = a.g.segments ? blocksPerHead(a, smem) : 0;
+  a.nx = pvCodedBlocks(a, smem);
   // pvMmaKernel's coded blocks take the fp16 tail themselves when separate tail blocks would
   // spill into a second wave (128k tokens: 53 x 8 blocks for 396 slots); otherwise (4k: 20 x 8)
   // the tail blocks run beside them, where their load latency stays hidden (absorbed at 4k, the
@@ -1176,9 +1170,9 @@ void launchPv(Args a, cudaStream_t st) {
       pvKernel<G><<<dim3(a.nx + a.ntail, a.g.heads), a.spb * a.g.vecsPerSeg, smem, st>>>(a);
     }
     PACKKV_LAUNCH_CHECK();
+  } else {  // no tokens: the sums are empty
+    PACKKV_CUDA_CHECK(cudaMemsetAsync(a.out, 0, sizeof(float) * a.g.heads * G * a.g.dim, st));
   }
-  pvReduceKernel<G><<<dim3(a.g.heads, G), kPvReduceThreads / a.g.dim * a.g.dim, 0, st>>>(a);
-  PACKKV_LAUNCH_CHECK();
 }
 
 void qk(const StreamView& s, const uint16_t* q, uint32_t qHeads, uint32_t nq, float* scores, const gpu::Launch& l) {
@@ -1208,7 +1202,8 @@ void pv(const StreamView& s, const uint16_t* p, uint32_t qHeads, uint32_t nq, fl
   if (!l.workspace || l.workspaceBytes < need)
     fail("p·V needs " + std::to_string(need) + " bytes of workspace, got " + std::to_string(l.workspaceBytes));
   Args a = plan(s, group, true);
-  a.partial = reinterpret_cast<float*>(static_cast<uint8_t*>(l.workspace) + 256);
+  a.counters = static_cast<unsigned*>(l.workspace);
+  a.partial = reinterpret_cast<float*>(static_cast<uint8_t*>(l.workspace) + counterBytes(sh.heads));
   for (uint32_t n = 0; n < nq; ++n) {
     a.in = p + size_t(n) * qHeads * sh.tokens;
     a.out = out + size_t(n) * qHeads * sh.dim;
