@@ -15,8 +15,8 @@
 //         extra blocks, a warp per token (lanes over channels, shuffle sums).
 //   p·V:  out[d] = Σ_t (p_t scale_t)(c_td + zp_t), one thread per channel; extra blocks take the
 //         fp16 tail in 32-token chunks; each block writes one [G][D] partial (its slots added in
-//         order) to the workspace, then a reduce kernel (a block per head and query head, 1024
-//         threads, loads batched ahead of the zeroing stores) adds them in fixed order.
+//         order) to the workspace, and the last blocks to finish add them in a fixed order, in
+//         two levels (pvFinishHead, common/last_block.cuh addPartials; no second kernel).
 // The decode loop takes codes two at a time between bit-buffer refills (two codes <= 24 bits), so
 // its one divergent branch runs once per pair: the loop is bound by instructions per code.
 // Tensor-core path (qkMmaKernel / pvMmaKernel; head_dim = v_block = 128, the bench's geometry):
@@ -354,8 +354,8 @@ template <int G>
 __device__ void pvFinishHead(const Args& a, uint32_t h) {
   const int blocks = int(a.nx + a.ntail);
   const size_t slice = size_t(G) * a.g.dim;
-  gpu::addPartials<true, true>(a.counters, gridDim.y, h, a.partial + size_t(h) * blocks * slice, slice, blocks, blocks,
-                         a.out + size_t(h) * slice, int(slice), reinterpret_cast<float4*>(kvcSmem + a.stOff));
+  gpu::addPartials<true, true>(a.counters, gridDim.y, h, a.partial + size_t(h) * blocks * slice, slice, blocks,
+                               blocks, a.out + size_t(h) * slice, int(slice), reinterpret_cast<float4*>(kvcSmem + a.stOff));
 }
 
 template <int G>
