@@ -32,17 +32,17 @@ __device__ __forceinline__ bool lastBlockDone(unsigned* counter, unsigned blocks
  * does not depend on timing), slot s at base + s·slotFloats; the block's threads split the columns
  * (16-byte loads where n, slotFloats and the pointers allow) and the k range into up to 8 parts,
  * each with all of its loads in flight (8 at a time), parts combined in order through `scratch`
- * (blockDim float4 of shared memory). ZERO stores 0 over every slot element it read (workspaces go
- * back zero-filled); dst may be one of the slots read.
+ * (shared memory, scratchFloats of it, any alignment; it bounds the parts). ZERO stores 0 over
+ * every slot element it read (workspaces go back zero-filled); dst may be one of the slots read.
  */
 template <bool ZERO>
 __device__ void addSlotsInOrder(float* base, size_t slotFloats, int first, int count, int step, float* dst, int n,
-                                float4* scratch) {
+                                float* scratch, int scratchFloats) {
   constexpr int kBatch = 8;
   const bool vec4 = n % 4 == 0 && slotFloats % 4 == 0 &&
                     ((reinterpret_cast<uintptr_t>(base) | reinterpret_cast<uintptr_t>(dst)) & 15) == 0;
   const int cols = vec4 ? n / 4 : n, threads = int(blockDim.x);
-  const int parts = cols >= threads ? 1 : min(8, threads / cols);
+  const int parts = cols >= threads ? 1 : min(min(8, threads / cols), 1 + scratchFloats / (4 * cols));
   const int per = (count + parts - 1) / parts, pi = int(threadIdx.x) / cols;
   for (int c = int(threadIdx.x) % cols; c < cols; c += parts == 1 ? threads : cols) {
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -72,12 +72,13 @@ __device__ void addSlotsInOrder(float* base, size_t slotFloats, int first, int c
       }
     }
     if (parts > 1) {
-      if (pi > 0 && pi < parts) scratch[(pi - 1) * cols + c] = sum;
+      float* sc = scratch + 4 * ((pi - 1) * cols + c);
+      if (pi > 0 && pi < parts) sc[0] = sum.x, sc[1] = sum.y, sc[2] = sum.z, sc[3] = sum.w;
       __syncthreads();
       if (pi == 0)
         for (int r = 1; r < parts; ++r) {
-          const float4 x = scratch[(r - 1) * cols + c];
-          sum.x += x.x, sum.y += x.y, sum.z += x.z, sum.w += x.w;
+          const float* x = scratch + 4 * ((r - 1) * cols + c);
+          sum.x += x[0], sum.y += x[1], sum.z += x[2], sum.w += x[3];
         }
     }
     if (pi == 0) {
@@ -103,7 +104,7 @@ constexpr int kFinishMaxGroups = 64;   // group counters per head (so at most 51
  */
 template <bool ZERO, bool TWO_LEVEL>
 __device__ void addPartials(unsigned* counters, unsigned heads, unsigned h, float* base, size_t slotFloats, int blocks,
-                            int slots, float* dst, int n, float4* scratch) {
+                            int slots, float* dst, int n, float* scratch, int scratchFloats) {
   __shared__ bool sLast;
   const int groups = TWO_LEVEL ? (blocks + kFinishGroup - 1) / kFinishGroup : 1;
   unsigned* finalCounter = counters + h;
@@ -112,13 +113,13 @@ __device__ void addPartials(unsigned* counters, unsigned heads, unsigned h, floa
     unsigned* groupCounter = counters + heads + size_t(h) * kFinishMaxGroups + grp;
     if (!lastBlockDone(groupCounter, unsigned(min(kFinishGroup, blocks - grp * kFinishGroup)), &sLast)) return;
     const int s0 = grp * kFinishGroup, s1 = grp == groups - 1 ? slots : s0 + kFinishGroup;
-    addSlotsInOrder<ZERO>(base, slotFloats, s0, s1 - s0, 1, base + size_t(s0) * slotFloats, n, scratch);
+    addSlotsInOrder<ZERO>(base, slotFloats, s0, s1 - s0, 1, base + size_t(s0) * slotFloats, n, scratch, scratchFloats);
     if (threadIdx.x == 0) *groupCounter = 0;
     if (!lastBlockDone(finalCounter, unsigned(groups), &sLast)) return;
-    addSlotsInOrder<ZERO>(base, slotFloats, 0, groups, kFinishGroup, dst, n, scratch);
+    addSlotsInOrder<ZERO>(base, slotFloats, 0, groups, kFinishGroup, dst, n, scratch, scratchFloats);
   } else {
     if (!lastBlockDone(finalCounter, unsigned(blocks), &sLast)) return;
-    addSlotsInOrder<ZERO>(base, slotFloats, 0, slots, 1, dst, n, scratch);
+    addSlotsInOrder<ZERO>(base, slotFloats, 0, slots, 1, dst, n, scratch, scratchFloats);
   }
   if (threadIdx.x == 0) *finalCounter = 0;
 }

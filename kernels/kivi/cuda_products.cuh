@@ -282,8 +282,9 @@ __device__ void pvResidual(const PvArgs& a, int h, int split, int slots) {
 template <int NR>
 __device__ void pvFinish(const PvArgs& a, int h, int blocks, int slots) {
   __shared__ float4 scratch[256];
-  gpu::addPartials<false, false>(a.counters, gridDim.y, unsigned(h), a.partial + size_t(h) * slots * NR * a.D, size_t(NR) * a.D,
-                          blocks, slots, a.out + size_t(h) * NR * a.D, NR * a.D, scratch);
+  gpu::addPartials<false, false>(a.counters, gridDim.y, unsigned(h), a.partial + size_t(h) * slots * NR * a.D,
+                                 size_t(NR) * a.D, blocks, slots, a.out + size_t(h) * NR * a.D, NR * a.D,
+                                 reinterpret_cast<float*>(scratch), 4 * 256);
 }
 
 /** p·V. Grid (splits + residual split, H): each block writes its split's partial sums. */

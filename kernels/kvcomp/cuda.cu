@@ -355,7 +355,8 @@ __device__ void pvFinishHead(const Args& a, uint32_t h) {
   const int blocks = int(a.nx + a.ntail);
   const size_t slice = size_t(G) * a.g.dim;
   gpu::addPartials<true, true>(a.counters, gridDim.y, h, a.partial + size_t(h) * blocks * slice, slice, blocks,
-                               blocks, a.out + size_t(h) * slice, int(slice), reinterpret_cast<float4*>(kvcSmem + a.stOff));
+                               blocks, a.out + size_t(h) * slice, int(slice), reinterpret_cast<float*>(kvcSmem + a.stOff),
+                               int(4 * blockDim.x));
 }
 
 template <int G>

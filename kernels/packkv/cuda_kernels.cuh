@@ -348,10 +348,10 @@ __global__ void __launch_bounds__(kWarps * 32) qkKernel(Args a) {
  * The end of every p·V kernel version (all threads, after the barrier that completes the warps'
  * sums in sAcc [kWarps][NR][D]): the block's partial sums in warp order into its slot of the
  * workspace, then the head's last block adds the partials in split order (deterministic) and
- * resets the head's counter for the next launch. sLast is the kernel's __shared__ flag.
+ * resets the head's counter for the next launch.
  */
 template <int NR>
-__device__ __forceinline__ void pvFinish(const Args& a, const float* sAcc, int D, int h, bool& sLast) {
+__device__ __forceinline__ void pvFinish(const Args& a, float* sAcc, int D, int h) {
   float* dst = a.partial + (size_t(h) * a.splits + blockIdx.x) * NR * D;
   for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
     float sum = 0.f;
@@ -359,14 +359,11 @@ __device__ __forceinline__ void pvFinish(const Args& a, const float* sAcc, int D
     for (int w = 0; w < kWarps; ++w) sum += sAcc[w * NR * D + idx];
     dst[idx] = sum;
   }
-  if (!gpu::lastBlockDone(&a.counters[h], unsigned(a.splits), &sLast)) return;
-  const float* part = a.partial + size_t(h) * a.splits * NR * D;
-  for (int idx = threadIdx.x; idx < NR * D; idx += blockDim.x) {
-    float sum = 0.f;
-    for (int sp = 0; sp < a.splits; ++sp) sum += __ldcg(part + size_t(sp) * NR * D + idx);
-    a.out[size_t(h) * NR * D + idx] = sum;
-  }
-  if (threadIdx.x == 0) a.counters[h] = 0;
+  // The head's last block adds the splits in order (gpu::addPartials, one level: 16-byte loads,
+  // 8 in flight per thread; was one dependent load per split and thread); sAcc is its scratch.
+  gpu::addPartials<false, false>(a.counters, gridDim.y, unsigned(h), a.partial + size_t(h) * a.splits * NR * D,
+                                 size_t(NR) * D, a.splits, a.splits, a.out + size_t(h) * NR * D, NR * D, sAcc,
+                                 kWarps * NR * D);
 }
 
 /** The recent fp16 tokens into the warps' accumulators (acc = this warp's [NR][D]): a warp per
@@ -400,7 +397,6 @@ __device__ __forceinline__ void pvBufferTokens(const Args& a, float* acc, const 
 template <int P, int NR>
 __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
   __shared__ __align__(16) float sPs[kWarps][NR][P];
-  __shared__ bool sLast;
   extern __shared__ float sAcc[];  // f32 [kWarps][NR][D]
   const int h = blockIdx.y, D = a.D;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -485,7 +481,7 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
     }
   }
   __syncthreads();
-  pvFinish<NR>(a, sAcc, D, h, sLast);
+  pvFinish<NR>(a, sAcc, D, h);
 }
 
 }  // namespace packkv::packkv_gpu

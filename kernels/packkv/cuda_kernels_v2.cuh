@@ -336,7 +336,6 @@ constexpr int kPvSlots = 256;
  */
 template <int P, int NR>
 __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
-  __shared__ bool sLast;
   __shared__ int sOff[2][kMaxSegs];
   extern __shared__ __align__(16) uint8_t sMem[];  // [2][kBufBytes], ps f32 [NR][kPvSlots], zsrc [NR][kPvSlots], acc [kWarps][NR][D]
   const int h = blockIdx.y, D = a.D;
@@ -429,7 +428,7 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
   // The recent fp16 tokens: a warp per token, over all blocks of this head.
   pvBufferTokens<NR>(a, acc, pHead, D, h, warp, lane);
   __syncthreads();
-  pvFinish<NR>(a, sAcc, D, h, sLast);
+  pvFinish<NR>(a, sAcc, D, h);
 }
 
 }  // namespace packkv::packkv_gpu::v2

@@ -509,7 +509,6 @@ __device__ __forceinline__ void addStageSums(const float (&cAcc)[MC][NT][4], flo
 template <int P, int NR>
 __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
   constexpr int D = kD, MT = P >= 16 ? P / 16 : 1, NT = (2 * NR + 7) / 8, MC = D / 16;
-  __shared__ bool sLast;
   __shared__ int sOff[2][kMaxSegs];
   extern __shared__ __align__(16) uint8_t sMem[];  // stages | tiles | ps [NR][slots] | zsrc | acc [kWarps][NR][D] | max [kWarps][NR]
   const int h = blockIdx.y;
@@ -619,7 +618,7 @@ __global__ void __launch_bounds__(kWarps * 32) pvKernel(Args a) {
   // The recent fp16 tokens: a warp per token, over all blocks of this head.
   pvBufferTokens<NR>(a, acc, pHead, D, h, warp, lane);
   __syncthreads();
-  pvFinish<NR>(a, sAcc, D, h, sLast);
+  pvFinish<NR>(a, sAcc, D, h);
 }
 
 #endif  // __CUDACC__

@@ -896,7 +896,6 @@ template <int D, int G>
 __global__ void __launch_bounds__(kPvThreads) pvKernel(PvArgs a) {
   constexpr int L = D / 8, RPL = 32 / L, W = kPvThreads / 32;
   __shared__ __align__(16) float red[W][G * D];
-  __shared__ bool sLast;
   const uint32_t h = blockIdx.y, lane = laneId(), warp = threadIdx.x >> 5;
   const uint32_t rows = a.devTokens + a.M, tiles = (rows + 31) / 32;
   const uint32_t t0 = blockIdx.x * a.tilesPerBlock, t1 = min(tiles, t0 + a.tilesPerBlock);
@@ -973,14 +972,11 @@ __global__ void __launch_bounds__(kPvThreads) pvKernel(PvArgs a) {
     for (int w = 0; w < W; ++w) s += red[w][i];
     mine[i] = s;
   }
-  if (!lastBlockDone(&a.counters[h], a.splits, &sLast)) return;
-  const float* all = a.partial + size_t(h) * a.splits * G * D;
-  for (uint32_t i = threadIdx.x; i < uint32_t(G * D); i += blockDim.x) {
-    float s = 0.f;
-    for (uint32_t b = 0; b < a.splits; ++b) s += __ldcg(all + size_t(b) * G * D + i);
-    a.out[size_t(h) * G * D + i] = s;
-  }
-  if (threadIdx.x == 0) a.counters[h] = 0;
+  // The head's last block adds the splits in order (gpu::addPartials, one level: 16-byte loads, 8 in
+  // flight per thread; was one dependent load per split and thread); red is its scratch.
+  gpu::addPartials<false, false>(a.counters, gridDim.y, h, a.partial + size_t(h) * a.splits * G * D, size_t(G) * D,
+                                 int(a.splits), int(a.splits), a.out + size_t(h) * G * D, int(G * D), &red[0][0],
+                                 int(W * G * D));
 }
 
 // ---- encode ---------------------------------------------------------------------------------
