@@ -97,21 +97,16 @@ KVC_HD float halfBitsToFloat(uint16_t h) {
 #endif
 }
 
-KVC_HD int64_t zeroPoint(const uint8_t* body, const DevLayout& l, uint32_t u) {
-  const uint8_t* p = body + l.zpOff + uint64_t(l.zpBytes) * u;
-  if (l.zpBytes == 1) return int8_t(p[0]);
-  if (l.zpBytes == 2) return int16_t(*reinterpret_cast<const uint16_t*>(p));
-  return int32_t(*reinterpret_cast<const uint32_t*>(p));
-}
-
-/** zeroPoint as the loaded 32-bit value (sign-extended by the load itself): the tensor-core
- *  kernels prefetch it a segment ahead, and the 64-bit widening waited for the load there. */
+/** The unit's zero point as loaded (1, 2 or 4 bytes, sign-extended by the load itself): the
+ *  tensor-core kernels prefetch it a segment ahead and widen it where they use it. */
 KVC_HD int32_t zeroPointRaw(const uint8_t* body, const DevLayout& l, uint32_t u) {
   const uint8_t* p = body + l.zpOff + uint64_t(l.zpBytes) * u;
   if (l.zpBytes == 1) return int8_t(p[0]);
   if (l.zpBytes == 2) return int16_t(*reinterpret_cast<const uint16_t*>(p));
   return int32_t(*reinterpret_cast<const uint32_t*>(p));
 }
+
+KVC_HD int64_t zeroPoint(const uint8_t* body, const DevLayout& l, uint32_t u) { return zeroPointRaw(body, l, u); }
 
 KVC_HD uint16_t scaleBits(const uint8_t* body, const DevLayout& l, uint32_t u) {
   return *reinterpret_cast<const uint16_t*>(body + l.scaleOff + 2ull * u);
