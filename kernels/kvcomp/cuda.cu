@@ -28,8 +28,11 @@
 // words and A fragments are read only by the lanes that need them (PACKKV_KVCOMP_PRED; -8% time
 // at 128k), the coded blocks take the fp16 tail (q·Kᵀ always, p·V when tail blocks would spill
 // into a second wave), and V's staging holds raw codes of floor(1/rel) + 3 symbols (was one bit
-// more), which gives it a third block per SM. Bound (ncu, 128k): q·Kᵀ by the decode table's shared-memory bank
-// conflicts (pipe 88% busy), p·V by issue (0.53 per scheduler, 21 warps per SM).
+// more), which gives it a third block per SM. Both issue their first group's loads before they
+// build the decode table (buildTables; its scratch is the second staging buffer), so the table
+// build overlaps the offset-table and segment loads (q·Kᵀ -20% at 4k, -8% at 32k tokens). Bound
+// (ncu, 128k): q·Kᵀ by the decode table's shared-memory bank conflicts (pipe 88% busy), p·V by
+// issue (0.53 per scheduler, 21 warps per SM).
 // PACKKV_KVCOMP_MMA=0 selects the scalar kernels.
 // encode runs on the GPU (cuda_encode.cuh), byte for byte cpu.cpp's body; bodyBytes() is an upper
 // bound, since a Huffman body's size depends on data.
@@ -73,6 +76,7 @@ struct Args {
   Geometry g;
   uint32_t T;
   uint32_t spb, capWords, alphaLimit, nx;
+  uint32_t stageBytes;    // the staging area (16-byte multiple), from a.stOff to the end of shared memory
   uint32_t ntail;        // p·V: blocks per KV head over the fp16 tail (after the nx coded ones)
   uint32_t n1max;        // bits of the first-level decode table (0: full table only)
   uint32_t tableBytes;   // kTableBytes, or kTable32Bytes on the tensor-core path
@@ -100,34 +104,46 @@ __device__ __forceinline__ uint32_t rawWidthD(uint32_t alphabet) {
   return w;
 }
 
-/** Per block, once: the stream's layout and its decode tables in shared memory. */
-__device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint32_t& w) {
-  lay = kg::layoutFromHeader(a.body, a.g.units, a.g.segments, a.g.vecsPerSeg);
+/**
+ * Per block, once: the decode tables in shared memory from the stream's code lengths (lay: from
+ * its header). scratch holds the lengths and the sorted symbols (and the pair fill's u16 table)
+ * and is free again afterwards: the staging area's start (prologue), or its second buffer on the
+ * tensor-core path, whose first group of segments is already loading into the first.
+ */
+__device__ void buildTables(const Args& a, const kg::DevLayout& lay, uint8_t* scratch, kg::Lookup& lk, uint32_t& w) {
   const uint32_t L = min(max(lay.maxLength, 1u), 12u);
   w = rawWidthD(lay.alphabet);
   const uint32_t A = min(min(lay.alphabet, a.alphaLimit), kg::kMaxAlphabet);
   uint16_t* table = reinterpret_cast<uint16_t*>(kvcSmem);
   kg::TableScratch& ts = *reinterpret_cast<kg::TableScratch*>(kvcSmem + a.tableBytes);
-  uint8_t* lens = kvcSmem + a.stOff;  // the staging area is free until the first segment
-  uint16_t* sorted = reinterpret_cast<uint16_t*>(kvcSmem + a.stOff + (A + 15) / 16 * 16);
+  uint8_t* lens = scratch;
+  uint16_t* sorted = reinterpret_cast<uint16_t*>(scratch + (A + 15) / 16 * 16);
   const uint32_t tid = threadIdx.x, n = blockDim.x;
   kg::tableLengths(tid, n, a.body, A, lens);
   __syncthreads();
   kg::tableCount(tid, lens, A, ts);
   __syncthreads();
-  kg::tableOffsets(tid, ts);
+  kg::tableOffsets(tid, L, ts);
   __syncthreads();
-  kg::tableSort(tid, lens, A, ts, sorted);
+  kg::tableSort(tid, n, lens, A, ts, sorted);
   __syncthreads();
   // the pair table when the stream's alphabet allows it (block-uniform: the header's alphabet)
   lk.paired = a.pairBits != 0 && lay.alphabet <= kg::kPairAlphabet;
-  if (lk.paired) {  // the u16 table in the staging area (free until the first segment), then the pairs from it
-    uint16_t* single = reinterpret_cast<uint16_t*>(kvcSmem + a.stOff + (3 * A + 31) / 16 * 16);
+  if (lk.paired) {  // the u16 table in the scratch, then the pairs from it
+    uint16_t* single = reinterpret_cast<uint16_t*>(scratch + (3 * A + 31) / 16 * 16);
     kg::tableFill(tid, n, L, ts, sorted, single);
     __syncthreads();
     kg::tablePairFill(tid, n, L, single, kg::symbolCenter(lay.alphabet), reinterpret_cast<uint32_t*>(kvcSmem));
-  } else if (a.mma && !a.n1max) kg::tableFill32(tid, n, L, ts, sorted, kg::symbolCenter(lay.alphabet), reinterpret_cast<uint32_t*>(kvcSmem));
-  else kg::tableFill(tid, n, L, ts, sorted, table);
+  } else if (a.mma && !a.n1max) {
+    uint32_t* table32 = reinterpret_cast<uint32_t*>(kvcSmem);
+    if (!ts.complete) {  // block-uniform (published by the sort's barrier); only corrupt codebooks
+      kg::tableClear32(tid, n, L, kg::symbolCenter(lay.alphabet), table32);
+      __syncthreads();
+    }
+    kg::tableFill32(tid, n, L, ts, sorted, kg::symbolCenter(lay.alphabet), table32);
+  } else {
+    kg::tableFill(tid, n, L, ts, sorted, table);
+  }
   __syncthreads();
   lk.table = table;
   lk.L = L;
@@ -154,6 +170,12 @@ __device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint
     lk.t1 = reinterpret_cast<const uint16_t*>(t1);
     __syncthreads();
   }
+}
+
+/** Per block, once: the stream's layout and its decode tables (scratch at the staging area). */
+__device__ void prologue(const Args& a, kg::DevLayout& lay, kg::Lookup& lk, uint32_t& w) {
+  lay = kg::layoutFromHeader(a.body, a.g.units, a.g.segments, a.g.vecsPerSeg);
+  buildTables(a, lay, kvcSmem + a.stOff, lk, w);
 }
 
 /** One vector through the right decoder: raw w-bit fields, first-level + full table, or full table. */
@@ -575,16 +597,12 @@ __global__ void __launch_bounds__(kMmaThreads, 3) qkMmaKernel(Args a) {
     for (uint32_t o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
     if ((tid & 31) == 0) qsum[j] = sum;
   }
-  kg::DevLayout lay;
-  kg::Lookup lk;
-  uint32_t w;
-  prologue(a, lay, lk, w);  // its barriers publish frag and qsum
+  const kg::DevLayout lay = kg::layoutFromHeader(a.body, a.g.units, a.g.segments, a.g.vecsPerSeg);
   uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs, lane = tid & 31;
   uint32_t* stAll = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff);  // two buffers of spb * capWords words
   const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
-  const uint32_t* table = reinterpret_cast<const uint32_t*>(kvcSmem);
-  const uint32_t shiftR = 32 - lk.L, pMax = a.spb * a.capWords * 32;
+  const uint32_t pMax = a.spb * a.capWords * 32;
   const int32_t center = kg::symbolCenter(lay.alphabet);
   const uint32_t* fragLane = frag + fragLaneOffset(lane);
   const uint32_t bufWords = a.spb * a.capWords;
@@ -608,7 +626,15 @@ __global__ void __launch_bounds__(kMmaThreads, 3) qkMmaKernel(Args a) {
       nChunks = 0, x = 0;
     }
   };
+  // The first group's loads go out before the decode tables are built (their scratch is the
+  // second buffer): the table build no longer sits in front of a dependent chain of global loads
+  // (offset table, then segment bytes). The build's barriers publish frag and qsum.
   issue(bg, 0);
+  kg::Lookup lk;
+  uint32_t w;
+  buildTables(a, lay, kvcSmem + a.stOff + 4 * bufWords, lk, w);
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(kvcSmem);
+  const uint32_t shiftR = 32 - lk.L;
   for (; bg * a.spb < a.g.blocks; bg += a.nx, buf ^= 1) {
     const uint32_t b = bg * a.spb + slot;
     const bool active = b < a.g.blocks;
@@ -703,10 +729,7 @@ __global__ void __launch_bounds__(kMmaThreads, 3) pvMmaKernel(Args a) {
     pvFinishHead<G>(a, h);
     return;
   }
-  kg::DevLayout lay;
-  kg::Lookup lk;
-  uint32_t w;
-  prologue(a, lay, lk, w);
+  const kg::DevLayout lay = kg::layoutFromHeader(a.body, a.g.units, a.g.segments, a.g.vecsPerSeg);
   uint32_t* warpTotals = reinterpret_cast<uint32_t*>(kvcSmem + a.tableBytes + sizeof(kg::TableScratch));
   const uint32_t vecs = a.g.vecsPerSeg, slot = tid / vecs, v = tid % vecs, lane = tid & 31, warp = v >> 5;
   uint32_t* stAll = reinterpret_cast<uint32_t*>(kvcSmem + a.stOff);  // two buffers of spb * capWords words
@@ -716,8 +739,7 @@ __global__ void __launch_bounds__(kMmaThreads, 3) pvMmaKernel(Args a) {
   float* wmax = inv + a.spb;                                                                  // [spb][32]
   float* zred = wmax + a.spb * 32;                                                            // [32 warps][G]
   const uint16_t* vecBits = reinterpret_cast<const uint16_t*>(a.body + lay.vecOff);
-  const uint32_t* table = reinterpret_cast<const uint32_t*>(kvcSmem);
-  const uint32_t shiftR = 32 - lk.L, pMax = a.spb * a.capWords * 32;
+  const uint32_t pMax = a.spb * a.capWords * 32;
   const int32_t center = kg::symbolCenter(lay.alphabet);
   const uint32_t* fragLane = frag + fragLaneOffset(lane);
   float acc[MT][4] = {}, zown[G] = {};  // zown: Σ p·scale·(zp + centre) over this thread's tokens
@@ -751,7 +773,12 @@ __global__ void __launch_bounds__(kMmaThreads, 3) pvMmaKernel(Args a) {
       nChunks = 0, x = 0;
     }
   };
-  issue(bg, 0);
+  issue(bg, 0);  // before the table build, as qkMmaKernel (whose barriers publish the zeroed fragments)
+  kg::Lookup lk;
+  uint32_t w;
+  buildTables(a, lay, kvcSmem + a.stOff + 4 * bufWords, lk, w);
+  const uint32_t* table = reinterpret_cast<const uint32_t*>(kvcSmem);
+  const uint32_t shiftR = 32 - lk.L;
   for (; bg * a.spb < a.g.blocks; bg += a.nx, buf ^= 1) {
     const uint32_t b = bg * a.spb + slot;
     const bool active = b < a.g.blocks;
@@ -1013,13 +1040,20 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
   if (a.mma) a.capWords = (a.capWords + 4 + 3) / 4 * 4;
   a.pred = predEnabled();
   const uint32_t alphaNeed = std::min<uint32_t>(kg::kMaxAlphabet, 2 * alphaMin + 16);
-  uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4 * (a.mma ? 2 : 1), 3ull * alphaNeed + 32);
-  if (a.mma) stageBytes += kStagePadBytes;
-  stageBytes = (stageBytes + 15) / 16 * 16;
   a.n1max = a.mma ? firstLevelMaxBits(kind) : 0;
   a.tableBytes = a.mma && !a.n1max ? kTable32Bytes : kTableBytes;  // with a first level: the u16 table for escapes
   a.pairBits = a.mma && !a.n1max ? pairBitsOf(kind) : 0;
   if (a.pairBits) a.tableBytes = kTable32Bytes + kPairFirstBytes;  // 4096 pair entries (= kTableEntries), then the first level
+  // The table build's scratch: lengths and sorted symbols (3 bytes per symbol), and for the pair
+  // table its u16 table. On the tensor-core path it is the second staging buffer (the first
+  // group's segments load into the first meanwhile), which is made large enough for it.
+  const uint64_t scratchNeed = a.pairBits ? 3ull * std::max(alphaNeed, kg::kPairAlphabet) + 32 + kTableBytes + 16
+                                          : 3ull * alphaNeed + 32;
+  if (a.mma)
+    while (uint64_t(a.spb) * a.capWords * 4 < scratchNeed) a.capWords += 4;
+  uint64_t stageBytes = std::max<uint64_t>(uint64_t(a.spb) * a.capWords * 4 * (a.mma ? 2 : 1), scratchNeed);
+  if (a.mma) stageBytes += kStagePadBytes;
+  stageBytes = (stageBytes + 15) / 16 * 16;
   uint64_t weights = 0;
   if (forProducts)
     weights = kind == TensorKind::Key ? uint64_t(sh.dim) * group * 4 : uint64_t(a.spb) * a.g.block * (group + 1) * 4;
@@ -1028,20 +1062,20 @@ Args plan(const StreamView& s, uint32_t group, bool forProducts, bool onDevice =
     weights = kind == TensorKind::Key ? std::max<uint64_t>(weights, frag + 64)
                                       : uint64_t(a.spb) * (2 * frag + 4 + 4 * 32) + 4ull * 32 * group;
   }
-  if (a.pairBits)  // prologue: lengths, sorted symbols and the u16 table of the pair fill
-    stageBytes = std::max<uint64_t>(stageBytes, 3ull * std::max(alphaNeed, kg::kPairAlphabet) + 32 + kTableBytes + 16);
   if (forProducts && kind == TensorKind::Value)  // pvWritePartial's slot sums and addPartials' scratch reuse the staging area
     stageBytes = std::max<uint64_t>({stageBytes, (uint64_t(a.spb) * group * sh.dim * 4 + 15) / 16 * 16,
                                      16ull * a.spb * a.g.vecsPerSeg});
-  a.alphaLimit = uint32_t((stageBytes - 16) / 3);
+  a.stageBytes = uint32_t(stageBytes);
+  // symbols the scratch holds (a larger, corrupt alphabet is cut there: garbage out, no overrun)
+  a.alphaLimit = uint32_t(((a.mma ? uint64_t(a.spb) * a.capWords * 4 : stageBytes) - 32 -
+                           (a.pairBits ? kTableBytes + 16 : 0)) / 3);
   a.wOff = a.tableBytes + kScratchBytes + (a.n1max ? (1u << a.n1max) * (a.mma ? 128 : 64) : 0);
   a.stOff = uint32_t(a.wOff + (weights + 15) / 16 * 16);
   return a;
 }
 
 size_t smemOf(const Args& a) {
-  const uint64_t stageBytes = 3ull * a.alphaLimit + 16;  // plan() sized the staging area
-  return size_t(a.stOff + (stageBytes + 15) / 16 * 16);
+  return size_t(a.stOff) + a.stageBytes;
 }
 
 /** Blocks of a plan resident on one multiprocessor at once (threads and shared memory). */

@@ -120,37 +120,98 @@ KVC_HD float scaleOf(const uint8_t* body, const DevLayout& l, uint32_t u) { retu
 
 struct TableScratch {
   uint32_t count[16], offset[16], first[16];
+  uint32_t complete;  // the codes of length <= L fill all 2^L entries (Kraft sum >= 1): no default entries needed
 };
 
-/** Phase 1, threads over symbols: the 4-bit lengths. */
+KVC_HD uint32_t popc32(uint32_t x) {
+#ifdef __CUDA_ARCH__
+  return __popc(x);
+#else
+  return uint32_t(__builtin_popcount(x));
+#endif
+}
+
+/** How many of the first n (1..4) bytes of x equal l, every byte of x and l at most 15 (higher
+ *  bytes may hold anything: the add below carries only upwards). */
+KVC_HD uint32_t bytesEqual(uint32_t x, uint32_t l, uint32_t n) {
+  const uint32_t d = x ^ (l * 0x01010101u);                      // zero bytes where equal
+  const uint32_t nonzero = (d + 0x7F7F7F7Fu) & 0x80808080u;      // bytes <= 15: no carry between the first n
+  const uint32_t keep = n >= 4 ? 0x80808080u : 0x80808080u & ((1u << (8 * n)) - 1u);
+  return popc32(~nonzero & keep);
+}
+
+/** Word k of the lengths (bytes 4k..4k+3, little-endian), lens 4-byte aligned. */
+KVC_HD uint32_t lensWord(const uint8_t* lens, uint32_t k) {
+#ifdef __CUDA_ARCH__
+  return reinterpret_cast<const uint32_t*>(lens)[k];
+#else
+  uint32_t x;
+  __builtin_memcpy(&x, lens + 4 * k, 4);
+  return x;
+#endif
+}
+
+/** Phase 1, threads over symbols: the 4-bit lengths. lens must have room for the alphabet rounded
+ *  up to 4 bytes (phases 2 and 4 read it a word at a time). */
 KVC_HD void tableLengths(uint32_t tid, uint32_t threads, const uint8_t* body, uint32_t alphabet, uint8_t* lens) {
   for (uint32_t s = tid; s < alphabet; s += threads) lens[s] = (body[8 + s / 2] >> (4 * (s & 1))) & 15;
 }
-/** Phase 2, thread l in 1..12 counts the codes of length l. */
+/** Phase 2, thread l in 1..12 counts the codes of length l, four lengths per 32-bit word (was a
+ *  byte per step: a chain of `alphabet` dependent shared-memory loads per thread). */
 KVC_HD void tableCount(uint32_t tid, const uint8_t* lens, uint32_t alphabet, TableScratch& ts) {
   if (tid >= 1 && tid <= 12) {
     uint32_t c = 0;
-    for (uint32_t s = 0; s < alphabet; ++s) c += lens[s] == tid;
+#ifdef __CUDA_ARCH__
+#pragma unroll 4
+#endif
+    for (uint32_t k = 0; 4 * k < alphabet; ++k) c += bytesEqual(lensWord(lens, k), tid, alphabet - 4 * k);
     ts.count[tid] = c;
   }
 }
-/** Phase 3, thread 0: offsets into the sorted symbol list and first codes per length. */
-KVC_HD void tableOffsets(uint32_t tid, TableScratch& ts) {
+/** Phase 3, thread 0: offsets into the sorted symbol list and first codes per length, and whether
+ *  the codes of length <= L cover the whole 2^L-entry table. */
+KVC_HD void tableOffsets(uint32_t tid, uint32_t L, TableScratch& ts) {
   if (tid != 0) return;
-  uint32_t off = 0, next = 0;
+  uint32_t c[13];
+  for (uint32_t l = 1; l <= 12; ++l) c[l] = ts.count[l];  // all loads before the dependent sums
+  uint32_t off = 0, next = 0, kraft = 0;  // kraft: sum over l <= L of count[l] * 2^(12 - l)
   for (uint32_t l = 1; l <= 12; ++l) {
     ts.offset[l] = off;
     ts.first[l] = next;
-    off += ts.count[l];
-    next = (next + ts.count[l]) << 1;
+    off += c[l];
+    next = (next + c[l]) << 1;
+    if (l <= L) kraft += c[l] << (12 - l);
   }
+  ts.complete = kraft >= 4096u;
 }
-/** Phase 4, thread l in 1..12 lists its symbols in symbol order. */
-KVC_HD void tableSort(uint32_t tid, const uint8_t* lens, uint32_t alphabet, const TableScratch& ts, uint16_t* sorted) {
-  if (tid >= 1 && tid <= 12) {
-    uint32_t at = ts.offset[tid];
-    for (uint32_t s = 0; s < alphabet; ++s)
-      if (lens[s] == tid) sorted[at++] = uint16_t(s);
+/** tableSort's serial form (above this alphabet the per-symbol ranks cost more than it). */
+constexpr uint32_t kSortRanksUpTo = 1024;
+/**
+ * Phase 4: the symbols with lengths 1..12 listed by (length, symbol), each entry symbol | length
+ * << 12 (symbols < 4096). Alphabets up to kSortRanksUpTo: threads over symbols, each finding its
+ * rank among the earlier symbols of its length a word (four lengths) at a time; larger ones:
+ * thread l in 1..12 walks the alphabet (was the only form: `alphabet` dependent steps).
+ */
+KVC_HD void tableSort(uint32_t tid, uint32_t threads, const uint8_t* lens, uint32_t alphabet, const TableScratch& ts,
+                      uint16_t* sorted) {
+  if (alphabet > kSortRanksUpTo) {
+    if (tid >= 1 && tid <= 12) {
+      uint32_t at = ts.offset[tid];
+      for (uint32_t s = 0; s < alphabet; ++s)
+        if (lens[s] == tid) sorted[at++] = uint16_t(s | tid << 12);
+    }
+    return;
+  }
+  for (uint32_t s = tid; s < alphabet; s += threads) {
+    const uint32_t l = lens[s];
+    if (l == 0 || l > 12) continue;
+    uint32_t rank = 0;
+#ifdef __CUDA_ARCH__
+#pragma unroll 4
+#endif
+    for (uint32_t k = 0; k < s / 4; ++k) rank += bytesEqual(lensWord(lens, k), l, 4);
+    if (s & 3) rank += bytesEqual(lensWord(lens, s / 4), l, s & 3);
+    sorted[ts.offset[l] + rank] = uint16_t(s | l << 12);
   }
 }
 /** Phase 5, threads over the 2^L entries: the codeword that prefixes each L-bit window. */
@@ -161,7 +222,7 @@ KVC_HD void tableFill(uint32_t tid, uint32_t threads, uint32_t L, const TableScr
     for (uint32_t l = 1; l <= L; ++l) {
       const uint32_t prefix = e >> (L - l), k = prefix - ts.first[l];
       if (prefix >= ts.first[l] && k < ts.count[l]) {
-        entry = uint16_t((uint32_t(sorted[ts.offset[l] + k]) << 4) | l);
+        entry = uint16_t((uint32_t(sorted[ts.offset[l] + k] & 0xFFFu) << 4) | l);
         break;
       }
     }
@@ -291,19 +352,27 @@ KVC_HD uint32_t intToHalfBits(int32_t v) {
 /** The center subtracted from every symbol (exact fp16 values for any alphabet <= 4096). */
 KVC_HD int32_t symbolCenter(uint32_t alphabet) { return int32_t(alphabet / 2); }
 
-/** Phase 5 for the tensor-core path: the same codewords as tableFill, as fp16(sym - center) << 16 | len. */
+/** Phase 5a for the tensor-core path, only when !ts.complete (an incomplete, corrupt codebook): every
+ *  entry "length 0", so the entries no code covers stay defined. A barrier before phase 5. */
+KVC_HD void tableClear32(uint32_t tid, uint32_t threads, uint32_t L, int32_t center, uint32_t* table) {
+  for (uint32_t e = tid; e < (1u << L); e += threads) table[e] = intToHalfBits(-center) << 16;
+}
+/**
+ * Phase 5 for the tensor-core path: the same codewords as tableFill, as fp16(sym - center) << 16 |
+ * len. Canonical codes of length l cover the consecutive entries (first[l] + k) << (L - l), 2^(L-l)
+ * of them, so each code writes its own range: warps over the sorted codes, lanes over a range's
+ * entries (threads a multiple of 32). Was a search over the lengths per entry (about a dozen
+ * dependent shared-memory loads for each of a thread's 16 entries).
+ */
 KVC_HD void tableFill32(uint32_t tid, uint32_t threads, uint32_t L, const TableScratch& ts, const uint16_t* sorted,
                         int32_t center, uint32_t* table) {
-  for (uint32_t e = tid; e < (1u << L); e += threads) {
-    uint32_t entry = intToHalfBits(-center) << 16;  // length 0: only an incomplete (corrupt) codebook
-    for (uint32_t l = 1; l <= L; ++l) {
-      const uint32_t prefix = e >> (L - l), k = prefix - ts.first[l];
-      if (prefix >= ts.first[l] && k < ts.count[l]) {
-        entry = (intToHalfBits(int32_t(sorted[ts.offset[l] + k]) - center) << 16) | l;
-        break;
-      }
-    }
-    table[e] = entry;
+  const uint32_t warps = threads / 32, lane = tid & 31, codes = ts.offset[L] + ts.count[L];
+  for (uint32_t i = tid / 32; i < codes; i += warps) {
+    const uint32_t e = sorted[i], l = e >> 12, code = ts.first[l] + i - ts.offset[l];
+    if (code >= (1u << l)) continue;  // over-full (corrupt) codebook: the code lies outside the table
+    const uint32_t start = code << (L - l), end = start + (1u << (L - l));
+    const uint32_t entry = (intToHalfBits(int32_t(e & 0xFFFu) - center) << 16) | l;
+    for (uint32_t k = start + lane; k < end; k += 32) table[k] = entry;
   }
 }
 

@@ -42,13 +42,13 @@ Tables buildTables(const uint8_t* body, const kg::DevLayout& l, uint32_t n1) {
   Tables t;
   t.L = std::min(std::max(l.maxLength, 1u), 12u);
   const uint32_t A = l.alphabet, threads = 256;
-  std::vector<uint8_t> lens(A);
+  std::vector<uint8_t> lens(A + 4, 0xEE);  // read a word at a time: garbage past the alphabet, as on the GPU
   std::vector<uint16_t> sorted(A);
   kg::TableScratch ts{};
   for (uint32_t tid = 0; tid < threads; ++tid) kg::tableLengths(tid, threads, body, A, lens.data());
   for (uint32_t tid = 0; tid < threads; ++tid) kg::tableCount(tid, lens.data(), A, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, lens.data(), A, ts, sorted.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, t.L, ts);
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, threads, lens.data(), A, ts, sorted.data());
   for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, t.L, ts, sorted.data(), t.table.data());
   if (n1)
     for (uint32_t tid = 0; tid < threads; ++tid)
@@ -177,6 +177,83 @@ void fragIdx(uint32_t idx, uint32_t& i, uint32_t& g, uint32_t& s, uint32_t& mt) 
   mt = idx / (32 * kg::kFragStepWords);
 }
 
+/**
+ * The table phases as the tensor-core kernels run them (buildTables): lengths, counts, offsets,
+ * sort, then the u16 table (tableFill, the per-entry search) and the 32-bit one (tableFill32, each
+ * code writing its range, after tableClear32 when the codebook is incomplete). Returns
+ * ts.complete. The lengths array gets garbage past the alphabet, as the GPU's scratch may.
+ */
+bool buildBothTables(const uint8_t* body, uint32_t A, uint32_t L, int32_t center, std::vector<uint16_t>& t16,
+                     std::vector<uint32_t>& t32) {
+  const uint32_t threads = 256;
+  std::vector<uint8_t> lens(A + 4, 0xEE);
+  std::vector<uint16_t> sorted(A);
+  kg::TableScratch ts{};
+  t32.assign(1u << L, 0xDEADBEEFu);  // stale shared memory
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableLengths(tid, threads, body, A, lens.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableCount(tid, lens.data(), A, ts);
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, L, ts);
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, threads, lens.data(), A, ts, sorted.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, L, ts, sorted.data(), t16.data());
+  if (!ts.complete)
+    for (uint32_t tid = 0; tid < threads; ++tid) kg::tableClear32(tid, threads, L, center, t32.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill32(tid, threads, L, ts, sorted.data(), center, t32.data());
+  return ts.complete != 0;
+}
+
+/** The 32-bit table entry by entry against the u16 one: same length, value = symbol - center. */
+bool tablesAgree(const std::vector<uint16_t>& t16, const std::vector<uint32_t>& t32, int32_t center) {
+  for (size_t e = 0; e < t16.size(); ++e)
+    if ((t32[e] & 31) != (t16[e] & 15u) ||
+        double(kg::halfBitsToFloat(uint16_t(t32[e] >> 16))) != double(int32_t(t16[e] >> 4) - center))
+      return false;
+  return true;
+}
+
+/**
+ * Crafted codebooks through both table builds: complete ones (including alphabets above
+ * kSortRanksUpTo, the serial sort), incomplete and over-full (corrupt) ones, and lengths above
+ * the header's longest (ignored by both). Returns false on any disagreement.
+ */
+bool craftedTables() {
+  struct Case {
+    const char* name;
+    uint32_t L;
+    std::vector<uint8_t> lens;
+  };
+  std::vector<Case> cases = {
+      {"two symbols", 1, {1, 1}},
+      {"one symbol (incomplete)", 1, {1}},
+      {"skewed 2..12", 12, {2, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 12}},
+      {"incomplete 2..5", 5, {2, 3, 0, 4, 5, 0, 0}},
+      {"over-full", 3, {1, 1, 2, 3, 3, 3}},
+      {"longer than L", 4, {1, 2, 3, 4, 9, 12, 4}},
+      {"zero lengths between", 4, {0, 2, 0, 2, 0, 3, 0, 3, 0, 3, 0, 4, 4, 0}},
+  };
+  Case flat{"4096 x 12 bits (serial sort)", 12, std::vector<uint8_t>(4096, 12)};
+  cases.push_back(flat);
+  Case mixed{"2000 symbols (serial sort)", 12, std::vector<uint8_t>(2000, 0)};
+  for (uint32_t s = 0; s < 2000; ++s) mixed.lens[s] = uint8_t(s % 7 == 0 ? 11 : 12);
+  cases.push_back(mixed);
+  Case mid{"700 symbols, ranks", 12, std::vector<uint8_t>(700, 0)};
+  for (uint32_t s = 0; s < 700; ++s) mid.lens[s] = uint8_t(s < 3 ? 3 : s % 5 == 0 ? 10 : 12);
+  cases.push_back(mid);
+  bool ok = true;
+  for (const Case& c : cases) {
+    const uint32_t A = uint32_t(c.lens.size());
+    std::vector<uint8_t> body(8 + (A + 1) / 2, 0);
+    for (uint32_t s = 0; s < A; ++s) body[8 + s / 2] |= uint8_t(c.lens[s] << (4 * (s & 1)));
+    const int32_t center = kg::symbolCenter(A);
+    std::vector<uint16_t> t16(1u << c.L);
+    std::vector<uint32_t> t32;
+    const bool complete = buildBothTables(body.data(), A, c.L, center, t16, t32);
+    const bool agree = tablesAgree(t16, t32, center);
+    ok &= agree;
+    std::printf("crafted table %-32s L=%2u %s: %s\n", c.name, c.L, complete ? "complete" : "incomplete", agree ? "ok" : "MISMATCH");
+  }
+  return ok;
+}
+
 /** Rel. L2 of the emulated tensor-core product vs double over the CPU decode (coded tokens only). */
 double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::Inputs& in, uint32_t G, bool& tableOk,
               double (&wfStats)[9]) {
@@ -189,16 +266,9 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
   const kg::DevLayout l = kg::layoutFromHeader(body, g.units, g.segments, g.vecsPerSeg);
   const uint32_t L = std::min(std::max(l.maxLength, 1u), 12u), A = l.alphabet, threads = 256;
   const int32_t center = kg::symbolCenter(A);
-  std::vector<uint8_t> lens(A);
-  std::vector<uint16_t> sorted(A), t16(1u << L);
+  std::vector<uint16_t> t16(1u << L);
   std::vector<uint32_t> t32(1u << L);
-  kg::TableScratch ts{};
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableLengths(tid, threads, body, A, lens.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableCount(tid, lens.data(), A, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, lens.data(), A, ts, sorted.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, L, ts, sorted.data(), t16.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill32(tid, threads, L, ts, sorted.data(), center, t32.data());
+  buildBothTables(body, A, L, center, t16, t32);
   // the pair table (PACKKV_KVCOMP_PAIR) and its first levels of 6 bits and none (12), when A allows
   const bool pairOk = A <= kg::kPairAlphabet;
   std::vector<uint32_t> pt(kg::kPairEntries), pt1(1u << 6);
@@ -206,10 +276,7 @@ double mmaRun(const StreamView& v, const std::vector<float>& dec, const bench::I
     for (uint32_t tid = 0; tid < threads; ++tid) kg::tablePairFill(tid, threads, L, t16.data(), center, pt.data());
     for (uint32_t tid = 0; tid < threads; ++tid) kg::tablePairFirst(tid, threads, 6, pt.data(), pt1.data());
   }
-  for (uint32_t e = 0; e < (1u << L); ++e)  // same codeword; value = symbol - center exactly
-    if ((t32[e] & 31) != (t16[e] & 15u) ||
-        double(kg::halfBitsToFloat(uint16_t(t32[e] >> 16))) != double(int32_t(t16[e] >> 4) - center))
-      tableOk = false;
+  if (!tablesAgree(t16, t32, center)) tableOk = false;  // same codeword; value = symbol - center exactly
   const uint32_t w = kvcomp::rawWidth(A), shiftR = 32 - L, MT = (4 * G + 15) / 16, tileWords = 32 * kg::kFragStepWords;
   // first levels (PACKKV_KVCOMP_T1 = 6 and 8): per-lane 32-bit entries, the u16 table for escapes
   const uint32_t n1s[2] = {kg::firstLevelBits(L, 6), kg::firstLevelBits(L, 8)};
@@ -450,7 +517,7 @@ Encoded encodeAndDecode(const char* spec, TensorKind kind, const bench::Inputs& 
 
 int main(int argc, char** argv) {
   const uint32_t tokens = argc > 1 ? uint32_t(std::atoi(argv[1])) : 4096;
-  bool allOk = true;
+  bool allOk = craftedTables();
   for (uint32_t dim : {128u, 64u, 96u}) {
     Shape s{4, tokens, dim};
     bench::Inputs in = bench::makeInputs(s, 16, 77 + dim);
