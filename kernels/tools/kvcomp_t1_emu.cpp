@@ -37,22 +37,39 @@ struct Tables {
   uint32_t L = 0;
 };
 
-/** prologue(): the five table phases over 256 "threads", then the first level. */
+/**
+ * The table phases as the tensor-core kernels run them (buildTables): lengths, counts, offsets,
+ * sort, then the u16 table (tableFill, the per-entry search) and the 32-bit one (tableFill32, each
+ * code writing its range, after tableClear32 when the codebook is incomplete). Returns
+ * ts.complete. The lengths array gets garbage past the alphabet, as the GPU's scratch may.
+ */
+bool buildBothTables(const uint8_t* body, uint32_t A, uint32_t L, int32_t center, std::vector<uint16_t>& t16,
+                     std::vector<uint32_t>& t32) {
+  const uint32_t threads = 256;
+  std::vector<uint8_t> lens(A + 4, 0xEE);
+  std::vector<uint16_t> sorted(A);
+  kg::TableScratch ts{};
+  t32.assign(1u << L, 0xDEADBEEFu);  // stale shared memory
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableLengths(tid, threads, body, A, lens.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableCount(tid, lens.data(), A, ts);
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, L, ts);
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, threads, lens.data(), A, ts, sorted.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, L, ts, sorted.data(), t16.data());
+  if (!ts.complete)
+    for (uint32_t tid = 0; tid < threads; ++tid) kg::tableClear32(tid, threads, L, center, t32.data());
+  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill32(tid, threads, L, ts, sorted.data(), center, t32.data());
+  return ts.complete != 0;
+}
+
+/** prologue(): the table phases over 256 "threads" (the u16 table), then the first level. */
 Tables buildTables(const uint8_t* body, const kg::DevLayout& l, uint32_t n1) {
   Tables t;
   t.L = std::min(std::max(l.maxLength, 1u), 12u);
-  const uint32_t A = l.alphabet, threads = 256;
-  std::vector<uint8_t> lens(A + 4, 0xEE);  // read a word at a time: garbage past the alphabet, as on the GPU
-  std::vector<uint16_t> sorted(A);
-  kg::TableScratch ts{};
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableLengths(tid, threads, body, A, lens.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableCount(tid, lens.data(), A, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, t.L, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, threads, lens.data(), A, ts, sorted.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, t.L, ts, sorted.data(), t.table.data());
+  std::vector<uint32_t> t32;
+  buildBothTables(body, l.alphabet, t.L, kg::symbolCenter(l.alphabet), t.table, t32);
   if (n1)
-    for (uint32_t tid = 0; tid < threads; ++tid)
-      kg::tableFirstLevel(tid, threads, t.L, kg::firstLevelBits(t.L, n1), t.table.data(), t.t1.data());
+    for (uint32_t tid = 0; tid < 256; ++tid)
+      kg::tableFirstLevel(tid, 256, t.L, kg::firstLevelBits(t.L, n1), t.table.data(), t.t1.data());
   return t;
 }
 
@@ -175,30 +192,6 @@ void fragIdx(uint32_t idx, uint32_t& i, uint32_t& g, uint32_t& s, uint32_t& mt) 
   g = (idx >> 2) % 9;
   s = (idx / kg::kFragStepWords) % 32;
   mt = idx / (32 * kg::kFragStepWords);
-}
-
-/**
- * The table phases as the tensor-core kernels run them (buildTables): lengths, counts, offsets,
- * sort, then the u16 table (tableFill, the per-entry search) and the 32-bit one (tableFill32, each
- * code writing its range, after tableClear32 when the codebook is incomplete). Returns
- * ts.complete. The lengths array gets garbage past the alphabet, as the GPU's scratch may.
- */
-bool buildBothTables(const uint8_t* body, uint32_t A, uint32_t L, int32_t center, std::vector<uint16_t>& t16,
-                     std::vector<uint32_t>& t32) {
-  const uint32_t threads = 256;
-  std::vector<uint8_t> lens(A + 4, 0xEE);
-  std::vector<uint16_t> sorted(A);
-  kg::TableScratch ts{};
-  t32.assign(1u << L, 0xDEADBEEFu);  // stale shared memory
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableLengths(tid, threads, body, A, lens.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableCount(tid, lens.data(), A, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableOffsets(tid, L, ts);
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableSort(tid, threads, lens.data(), A, ts, sorted.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill(tid, threads, L, ts, sorted.data(), t16.data());
-  if (!ts.complete)
-    for (uint32_t tid = 0; tid < threads; ++tid) kg::tableClear32(tid, threads, L, center, t32.data());
-  for (uint32_t tid = 0; tid < threads; ++tid) kg::tableFill32(tid, threads, L, ts, sorted.data(), center, t32.data());
-  return ts.complete != 0;
 }
 
 /** The 32-bit table entry by entry against the u16 one: same length, value = symbol - center. */
