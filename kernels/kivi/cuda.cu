@@ -168,15 +168,27 @@ bool pvPipeAllowed() {
   return !(v && std::strcmp(v, "0") == 0);
 }
 
-/** p·V splits, 128-token multiples: one wave of the tensor-core kernel's resident blocks over all
- *  heads, a block per head left for the fp16 residual (was four blocks per multiprocessor, two
- *  waves at 2 resident; fewer splits also shorten the last block's pass over the partials). */
+/**
+ * p·V splits, 128-token multiples: two blocks per multiprocessor over all heads, a block per head
+ * left for the fp16 residual (was one wave of the resident blocks, 3 per multiprocessor at 1 and
+ * 2 bits). Measured, not derived: 2-bit p·V -10 / -20 / -14 / -10% at 16k / 32k / 64k / 128k
+ * tokens (H100, same-process A/B; docs/kernels.md KIVI #14). At 32k the one wave left a third of
+ * the multiprocessors with 3 blocks, but at 128k it was nearly balanced and 2 per multiprocessor
+ * still won, so the mechanism is not isolated (fewer and longer splits, fewer partials for the
+ * last block to sum, less contention among co-resident blocks all fit). 1 per multiprocessor and
+ * unbalanced counts (24, 36, 40 splits per head) were slower.
+ * PACKKV_KIVI_PV_BLOCKS_PER_SM = 1..3 overrides the 2 for comparisons (capped at the kernel's
+ * resident blocks, 2 at 4 and 8 bits).
+ */
 void pvSplits(const Layout& l, uint32_t heads, int* splits, int* splitTokens) {
   if (l.quantTokens == 0) {
     *splits = 0, *splitTokens = 128;
     return;
   }
-  const int resident = kivi::pvMmaBlocksPerSm(int(l.bits)) * gpu::multiprocessors();
+  int perSm = 2;
+  if (const char* e = std::getenv("PACKKV_KIVI_PV_BLOCKS_PER_SM")) perSm = std::max(1, std::atoi(e));
+  perSm = std::min(perSm, kivi::pvMmaBlocksPerSm(int(l.bits)));
+  const int resident = perSm * gpu::multiprocessors();
   const int maxSplits = std::max(1, resident / int(heads) - (l.residualTokens > 0 ? 1 : 0));
   const int steps = int((l.quantTokens + 127) / 128);
   const int want = std::min(maxSplits, steps);
