@@ -574,9 +574,10 @@ __device__ void pvMmaQuantized(const PvArgs& a, int h, int split, int totalSplit
   }
 }
 
-/** Resident p·V blocks per multiprocessor: the register cap (80 for 3 blocks, spill-free at 1 and
- *  2 bits; 4 and 8 bits spilled there and keep 2 blocks) and the split count (one wave of blocks
- *  over all heads, cuda.cu pvSplits) follow from it. */
+/** Resident p·V blocks per multiprocessor, which sets the register cap (80 for 3 blocks: spill-free
+ *  at 1 and 2 bits with 4 query heads per KV head, spilling at 8; 4 and 8 bits keep 2 blocks). The
+ *  split plan (cuda.cu pvSplits) launches 2 per multiprocessor, at most this many; a 2-block bound at
+ *  1–2 bits too (no spills) measured no faster at 4 query heads per KV head (docs/kernels.md KIVI #15). */
 __host__ __device__ constexpr int pvMmaBlocksPerSm(int bits) { return bits <= 2 ? 3 : 2; }
 
 template <int B, int NR, int GM>
